@@ -1,0 +1,35 @@
+// Torch-free CPU kernels on raw pointers (tier 1). The ATen glue in *_cpu.cpp splits work into
+// fixed-size chunks and spreads them over threads; these functions do one chunk.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace memstate {
+namespace cpu {
+
+// Instruction sets the CPU kernels are built for; picked at run time (see set_isa()).
+enum class Isa { kScalar = 0, kAvx2 = 1 };
+
+// The ISA the kernels use now: the best one this CPU supports, unless set_isa() forced one.
+Isa active_isa();
+// "auto" (default), "scalar" or "avx2". Throws std::invalid_argument for unknown names or an
+// ISA this CPU lacks. Results never depend on the ISA; tests use this to prove it.
+void set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+// Comma-separated ISAs this CPU supports, e.g. "scalar,avx2".
+std::string supported_isas();
+
+// msfp1 partial sums: adds the terms of the pairs of `nbytes` bytes at `data` (whose first pair
+// has global index `first_pair`) to s0/s1. Only the final chunk of a tensor may have
+// nbytes % 8 != 0 (its tail is zero-padded).
+void msfp1_accumulate(const unsigned char* data, uint64_t nbytes, uint64_t first_pair,
+                      uint64_t& s0, uint64_t& s1);
+
+// Bytes of one CPU work item of the fingerprint ops (default 512 KiB; a multiple of 64).
+// Settable so tests can prove that results do not depend on it.
+int64_t fingerprint_chunk_bytes();
+void set_fingerprint_chunk_bytes(int64_t bytes);
+
+}  // namespace cpu
+}  // namespace memstate

@@ -1,0 +1,93 @@
+// CUDA glue for the msfp1 ops (tier 2): validates tensors, builds the task and chunk tables,
+// ships them to the device in one pinned, stream-ordered copy, and launches the torch-free
+// kernels of fingerprint_kernels.cu on the current stream. No host sync.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../tensor_util.h"
+#include "kernels.h"
+
+namespace memstate {
+namespace cuda {
+
+namespace {
+
+void check_launch(const char* what) {
+  const char* err = last_error();
+  TORCH_CHECK(err == nullptr, "memstate.", what, ": CUDA kernel launch failed: ", err);
+}
+
+// Copies `bytes` of host data into a fresh device buffer, ordered on the current stream.
+at::Tensor upload(const void* host, size_t bytes, const c10::Device& device) {
+  at::Tensor pinned =
+      at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(pinned.data_ptr(), host, bytes);
+  return pinned.to(device, /*non_blocking=*/true);
+}
+
+// Sums of every tensor into an int64 [N, 2] device tensor; finalised when `finalize`.
+at::Tensor msfp1_run(at::TensorList tensors, at::IntArrayRef first_pairs, bool finalize,
+                     const char* op) {
+  const c10::Device device = tensors[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  auto ts = contiguous_bytes_views(tensors, op, device);
+  const auto firsts = checked_first_pairs(first_pairs, ts.size(), op);
+  std::vector<Msfp1Task> tasks(ts.size());
+  std::vector<Msfp1Chunk> chunks;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    // The kernel reads 16-byte vectors: give it an aligned copy of an oddly offset view.
+    if (reinterpret_cast<uintptr_t>(ts[i].const_data_ptr()) % 16 != 0) ts[i] = ts[i].clone();
+    const int64_t nb = nbytes_of(ts[i]);
+    tasks[i] = {static_cast<const unsigned char*>(ts[i].const_data_ptr()),
+                static_cast<uint64_t>(nb), firsts[i]};
+    const int64_t n = (nb + kMsfp1ChunkBytes - 1) / kMsfp1ChunkBytes;
+    TORCH_CHECK(n < (int64_t{1} << 31), "memstate.", op, ": tensors[", i, "] is too large");
+    for (int64_t c = 0; c < n; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+  }
+  const size_t task_bytes = tasks.size() * sizeof(Msfp1Task);
+  const size_t chunk_off = (task_bytes + 15) / 16 * 16;
+  std::vector<unsigned char> blob(chunk_off + chunks.size() * sizeof(Msfp1Chunk));
+  std::memcpy(blob.data(), tasks.data(), task_bytes);
+  if (!chunks.empty()) std::memcpy(blob.data() + chunk_off, chunks.data(), chunks.size() * sizeof(Msfp1Chunk));
+  at::Tensor meta = upload(blob.data(), blob.size(), device);
+  const auto* d_tasks = reinterpret_cast<const Msfp1Task*>(meta.const_data_ptr());
+  const auto* d_chunks = reinterpret_cast<const Msfp1Chunk*>(
+      static_cast<const unsigned char*>(meta.const_data_ptr()) + chunk_off);
+
+  at::Tensor out = at::zeros({static_cast<int64_t>(ts.size()), 2},
+                             at::TensorOptions().dtype(at::kLong).device(device));
+  auto* sums = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  launch_msfp1_sums(d_tasks, d_chunks, static_cast<int64_t>(chunks.size()), sums, stream);
+  check_launch(op);
+  if (finalize) {
+    launch_msfp1_finalize(d_tasks, static_cast<int64_t>(tasks.size()), sums, stream);
+    check_launch(op);
+  }
+  return out;
+}
+
+at::Tensor fingerprint_cuda(at::TensorList tensors) {
+  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
+  return msfp1_run(tensors, {}, /*finalize=*/true, "fingerprint");
+}
+
+at::Tensor fingerprint_sums_cuda(at::TensorList tensors, at::IntArrayRef first_pairs) {
+  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
+  return msfp1_run(tensors, first_pairs, /*finalize=*/false, "fingerprint_sums");
+}
+
+}  // namespace
+
+}  // namespace cuda
+}  // namespace memstate
+
+TORCH_LIBRARY_IMPL(memstate, CUDA, m) {
+  m.impl("fingerprint", &memstate::cuda::fingerprint_cuda);
+  m.impl("fingerprint_sums", &memstate::cuda::fingerprint_sums_cuda);
+}

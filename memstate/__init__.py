@@ -1,0 +1,29 @@
+"""memstate: determinism and training-state audit for PyTorch.
+
+Training is not memoryless: optimizer moments, data order, the path taken and auxiliary state
+carry history. memstate measures that causally and makes the measurement trustworthy.
+
+The native ops (``torch.ops.memstate.*``) load on first use; ``memstate.reference`` is a pure
+numpy implementation of the msfp1 spec that needs no build.
+"""
+from memstate._version import __version__
+from memstate.fingerprint import (
+    Fingerprint,
+    StateFingerprint,
+    finalize_partial,
+    fingerprint,
+    fingerprint_many,
+    fingerprint_partial,
+    fingerprint_state,
+)
+
+__all__ = [
+    "__version__",
+    "Fingerprint",
+    "StateFingerprint",
+    "fingerprint",
+    "fingerprint_many",
+    "fingerprint_partial",
+    "finalize_partial",
+    "fingerprint_state",
+]
