@@ -1,0 +1,93 @@
+"""msfp1 fingerprint throughput against a plain read of the same bytes, in the same run.
+
+For each device and size: GB/s of memstate.fingerprint, of torch's sum over the same tensor
+(the read anchor), and their ratio; also the multi-tensor path (many tensors, one call). CPU
+cases are run for every ISA the CPU kernels support. Targets (issue 2): ratio >= 0.7 on CPU,
+>= 0.8 on an H200.
+
+    python benchmarks/bench_fingerprint.py [--device cpu|cuda|all] [--json out.json] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+
+import memstate  # noqa: E402
+from memstate import _ext  # noqa: E402
+
+
+def bench_device(device: str, sizes_mb, rounds: int):
+    ops = _ext.ops()
+    C = _ext.load()
+    rows = []
+    isas = C.build_info()["cpu_isas"].split(",") if device == "cpu" else ["-"]
+    for mb in sizes_mb:
+        n = mb * 2**20 // 4
+        x = torch.randn(n, device=device)
+        nbytes = x.numel() * 4
+        many = list(torch.randn(n, device=device).split(max(1, n // 1000)))  # ~1000 tensors
+        for isa in isas:
+            if device == "cpu":
+                C.set_cpu_isa(isa)
+            cases = {
+                "read (sum)": lambda: x.sum(),
+                "fingerprint": lambda: ops.fingerprint([x]),
+                "fingerprint x1000 tensors": lambda: ops.fingerprint(many),
+            }
+            inner = 1 if mb >= 64 or device == "cpu" else 10
+            t = _timing.interleaved(cases, device, rounds=rounds, inner=inner)
+            read = nbytes / t["read (sum)"] / 1e9
+            for name in ("fingerprint", "fingerprint x1000 tensors"):
+                gbs = nbytes / t[name] / 1e9
+                rows.append({
+                    "device": device, "isa": isa, "MB": mb, "case": name,
+                    "GB/s": round(gbs, 2), "read GB/s": round(read, 2), "ratio": round(gbs / read, 3),
+                })
+        if device == "cpu":
+            C.set_cpu_isa("auto")
+        del x, many
+    # sanity: what was timed is right
+    y = torch.randn(12345, device=device)
+    assert memstate.fingerprint(y) == memstate.Fingerprint(*memstate.reference.fingerprint_lanes(y.cpu()))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    args = ap.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("no CUDA device")
+        devices.remove("cuda")
+    import memstate.reference  # noqa: F401
+
+    rows = []
+    for dev in devices:
+        if dev == "cpu":
+            sizes = [16] if args.quick else [16, 256]
+        else:
+            sizes = [16] if args.quick else [16, 256, 2048]
+        rows += bench_device(dev, sizes, rounds=3 if args.quick else 9)
+    print(f"machine: {_timing.machine()}")
+    hdr = f"{'device':6} {'isa':6} {'MB':>5}  {'case':26} {'GB/s':>8} {'read GB/s':>10} {'ratio':>6}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['device']:6} {r['isa']:6} {r['MB']:>5}  {r['case']:26} {r['GB/s']:>8.2f} "
+              f"{r['read GB/s']:>10.2f} {r['ratio']:>6.3f}")
+    if args.json:
+        _timing.write_json(args.json, {"machine": _timing.machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

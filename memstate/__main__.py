@@ -1,0 +1,5 @@
+import sys
+
+from memstate.cli import main
+
+sys.exit(main())

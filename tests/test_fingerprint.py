@@ -1,0 +1,323 @@
+"""msfp1: native (CPU, CUDA) == numpy reference, sensitivity, sharding, state fingerprints."""
+import numpy as np
+import pytest
+import torch
+import xxhash
+
+import memstate
+from memstate import _ext
+from memstate import reference as ref
+
+DTYPES = [
+    torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.complex64,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+]
+SIZES = [0, 1, 7, 8, 9, 65537, 1_000_003]
+
+
+def random_tensor(n, dtype, gen, device="cpu"):
+    if dtype == torch.bool:
+        t = torch.randint(0, 2, (n,), generator=gen).bool()
+    elif dtype.is_floating_point or dtype.is_complex:
+        t = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) if not dtype.is_complex \
+            else torch.randn(n, generator=gen, dtype=dtype)
+    else:
+        info = torch.iinfo(dtype)
+        t = torch.randint(max(info.min, -2**31), min(info.max, 2**31 - 1), (n,), generator=gen, dtype=torch.int64).to(dtype)
+    return t.to(device)
+
+
+def ref_fp(t):
+    return memstate.Fingerprint(*ref.fingerprint_lanes(t))
+
+
+def test_spec_vectors_by_hand():
+    # Independent of numpy: the spec evaluated with Python ints for a tiny input.
+    data = bytes(range(1, 12))  # 11 bytes -> 2 pairs, second zero-padded
+    words = [int.from_bytes((data + b"\0" * 5)[4 * j:4 * j + 4], "little") for j in range(4)]
+    keys = [(0x9E3779B1, 0x7F4A7C15, 0x85EBCA77, 0x165667B1), (0xC2B2AE3D, 0x27D4EB2F, 0x27D4EB2D, 0x61C88647)]
+    M32, M64 = 2**32 - 1, 2**64 - 1
+    lanes = []
+    for k, (um, ua, vm, va) in enumerate(keys):
+        s = 0
+        for p in range(2):
+            u = (words[2 * p] + p * um + ua) & M32
+            v = (words[2 * p + 1] + p * vm + va) & M32
+            s = (s + u * v) & M64
+        lanes.append(ref.mix64(s ^ ref.mix64(11 + (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)[k])))
+    t = torch.tensor(list(data), dtype=torch.uint8)
+    assert memstate.fingerprint(t).lanes == tuple(lanes)
+    assert ref.fingerprint_lanes(t) == tuple(lanes)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_native_equals_reference(dtype, n):
+    gen = torch.Generator().manual_seed(n * 31 + DTYPES.index(dtype))
+    t = random_tensor(n, dtype, gen)
+    assert memstate.fingerprint(t) == ref_fp(t)
+
+
+def test_odd_byte_lengths_and_offsets():
+    # every tail length 0..7 and unaligned start addresses (views with a byte offset)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=gen)
+    for start in range(9):
+        for n in (0, 1, 2, 3, 4, 5, 6, 7, 63, 64, 65, 1000):
+            v = base[start:start + n]
+            assert memstate.fingerprint(v) == ref_fp(v), (start, n)
+
+
+def test_fingerprint_object():
+    t = torch.arange(10, dtype=torch.float32)
+    a, b = memstate.fingerprint(t), memstate.fingerprint(t.clone())
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    h = a.hex()
+    assert len(h) == 32 and h == h.lower() and int(h, 16) >= 0
+    assert h == f"{a.lanes[0]:016x}{a.lanes[1]:016x}"
+    assert memstate.Fingerprint.fromhex(h) == a
+    with pytest.raises(AttributeError):
+        a._lanes = (0, 0)
+    with pytest.raises(ValueError):
+        memstate.Fingerprint.fromhex("xyz")
+
+
+def test_zero_dim_and_empty_shapes():
+    assert memstate.fingerprint(torch.tensor(3.5)) == ref_fp(torch.tensor(3.5))
+    e1, e2 = torch.empty(0, 3), torch.empty(5, 0, dtype=torch.int8)
+    assert memstate.fingerprint(e1) == memstate.fingerprint(e2) == ref_fp(b"")
+    # dtype and shape are not part of msfp1: same bytes, same fingerprint
+    t = torch.arange(12, dtype=torch.int32)
+    assert memstate.fingerprint(t) == memstate.fingerprint(t.view(3, 4)) == memstate.fingerprint(t.view(torch.float32))
+
+
+def test_views_use_logical_row_major_order():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 53, generator=gen)
+    for v in (x.t(), x[::2, 1::3], x[5:9], x.unsqueeze(0).expand(3, 37, 53), x.flip(0), x[:, 7]):
+        assert memstate.fingerprint(v) == memstate.fingerprint(v.contiguous()) == ref_fp(v)
+    # transposing changes the bytes, so the fingerprint
+    sq = torch.randn(8, 8, generator=gen)
+    assert memstate.fingerprint(sq.t()) != memstate.fingerprint(sq)
+
+
+def test_conjugate_and_negative_views_are_materialised():
+    z = torch.randn(100, dtype=torch.complex64)
+    assert memstate.fingerprint(z.conj()) == ref_fp(z.conj().resolve_conj())
+    assert memstate.fingerprint(z.conj()) != memstate.fingerprint(z)
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 1000, 65537])
+def test_any_single_change_is_detected(n):
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randn(n, generator=gen)
+    f = memstate.fingerprint(t)
+    positions = sorted({0, n // 2, n - 1} | set(torch.randint(0, n, (20,), generator=gen).tolist()))
+    for i in positions:
+        u = t.clone()
+        u[i] = torch.nextafter(u[i], torch.tensor(float("inf")))  # one ulp: a one-bit-ish change
+        assert memstate.fingerprint(u) != f, i
+    # a single byte of an int8 tensor
+    b = torch.zeros(n, dtype=torch.int8)
+    fb = memstate.fingerprint(b)
+    for i in positions:
+        c = b.clone()
+        c[i] = 1
+        assert memstate.fingerprint(c) != fb
+
+
+def test_swaps_are_detected():
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(4096, generator=gen)
+    f = memstate.fingerprint(t)
+    for i, j in [(0, 1), (0, 2), (10, 4095), (100, 101), (2047, 2048)]:
+        u = t.clone()
+        u[i], u[j] = t[j], t[i]
+        assert memstate.fingerprint(u) != f, (i, j)
+    # a permutation of equal-sum data (an XOR- or sum-based hash would miss it)
+    p = torch.arange(1000, dtype=torch.int64)
+    assert memstate.fingerprint(p) != memstate.fingerprint(p.flip(0))
+
+
+def test_length_is_part_of_the_hash():
+    z = torch.zeros(16, dtype=torch.uint8)
+    fps = {memstate.fingerprint(z[:n]) for n in range(17)}
+    assert len(fps) == 17  # zero padding never makes two lengths collide
+
+
+def test_thread_count_and_chunk_size_do_not_matter(threads):
+    C = _ext.load()
+    gen = torch.Generator().manual_seed(4)
+    ts = [torch.randn(n, generator=gen) for n in (3_000_001, 17, 0, 262_145)]
+    want = [ref_fp(t) for t in ts]
+    before = C.fingerprint_chunk_bytes()
+    try:
+        for n_threads in (1, 2):
+            threads(n_threads)
+            for chunk in (64, 4096, 1 << 19, 1 << 24):
+                C.set_fingerprint_chunk_bytes(chunk)
+                assert memstate.fingerprint_many(ts) == want, (n_threads, chunk)
+    finally:
+        C.set_fingerprint_chunk_bytes(before)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        C.set_fingerprint_chunk_bytes(100)
+
+
+def test_every_cpu_isa_gives_the_same_bits():
+    C = _ext.load()
+    gen = torch.Generator().manual_seed(5)
+    t = torch.randn(1_000_003, generator=gen)
+    want = ref_fp(t)
+    try:
+        for isa in C.build_info()["cpu_isas"].split(","):
+            C.set_cpu_isa(isa)
+            assert C.cpu_isa() == isa
+            assert memstate.fingerprint(t) == want, isa
+    finally:
+        C.set_cpu_isa("auto")
+    with pytest.raises(ValueError, match="unknown CPU ISA"):
+        C.set_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("n_bytes", [0, 5, 8, 4000, 4096 * 8 + 3, 1_000_001])
+def test_partial_sums_over_shards_add_up(n_bytes):
+    gen = torch.Generator().manual_seed(n_bytes)
+    t = torch.randint(0, 256, (n_bytes,), dtype=torch.uint8, generator=gen)
+    whole = memstate.fingerprint(t)
+    for shard_words in (1, 3, 1000, 1 << 20):
+        s0 = s1 = 0
+        step = shard_words * 8
+        for start in range(0, max(n_bytes, 1), step):
+            a, b = memstate.fingerprint_partial(t[start:start + step], start // 8)
+            assert (a, b) == ref.sums(ref.tensor_bytes(t[start:start + step]), start // 8)
+            s0, s1 = s0 + a, s1 + b
+        assert memstate.finalize_partial(s0, s1, n_bytes) == whole
+
+
+def test_partial_with_huge_word_offset_wraps_keys():
+    t = torch.arange(64, dtype=torch.int64)
+    off = (1 << 32) - 3  # keys wrap mod 2^32 inside the shard
+    assert memstate.fingerprint_partial(t, off) == ref.sums(ref.tensor_bytes(t), off)
+    # keys repeat every 2^32 pairs
+    assert memstate.fingerprint_partial(t, 5) == memstate.fingerprint_partial(t, 5 + (1 << 32))
+
+
+@pytest.mark.parametrize(
+    "bad, kind",
+    [
+        (lambda: torch.eye(3).to_sparse(), "sparse"),
+        (lambda: torch.empty(3, device="meta"), "meta"),
+        (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested"),
+    ],
+)
+def test_unsupported_tensors_raise_type_error_naming_them(bad, kind):
+    with pytest.raises(TypeError, match=kind):
+        memstate.fingerprint(bad())
+    with pytest.raises(TypeError, match="'w_bad'|w_bad"):
+        memstate.fingerprint_state({"ok": torch.ones(2), "w_bad": bad()})
+
+
+def test_native_op_checks_its_arguments():
+    ops = _ext.ops()
+    with pytest.raises(RuntimeError, match="first_pairs"):
+        ops.fingerprint_sums([torch.ones(2)], [0, 1])
+    with pytest.raises(RuntimeError, match=r"first_pairs\[1\] = -4"):
+        ops.fingerprint_sums([torch.ones(2), torch.ones(2)], [0, -4])
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.bn = torch.nn.BatchNorm1d(3)
+
+
+def test_state_fingerprint_of_module():
+    torch.manual_seed(0)
+    net = _Net()
+    sf = memstate.fingerprint_state(net)
+    names = sorted(dict(net.state_dict()).keys())
+    assert sorted(sf) == names  # params and buffers, num_batches_tracked included
+    for n, t in net.state_dict().items():
+        assert sf[n] == ref_fp(t)
+        assert sf.dtype(n) == t.dtype and sf.shape(n) == tuple(t.shape)
+    # digest follows the documented canonical serialisation
+    blob = [b"memstate.state.msfp1.v1\0"]
+    for n in sorted(names, key=str.encode):
+        t = net.state_dict()[n]
+        dt = str(t.dtype).replace("torch.", "").encode()
+        blob.append(len(n).to_bytes(4, "little") + n.encode() + len(dt).to_bytes(4, "little") + dt)
+        blob.append(t.dim().to_bytes(4, "little") + b"".join(s.to_bytes(8, "little") for s in t.shape))
+        f0, f1 = ref.fingerprint_lanes(t)
+        blob.append(f0.to_bytes(8, "little") + f1.to_bytes(8, "little"))
+    assert sf.digest == xxhash.xxh3_128_hexdigest(b"".join(blob))
+    # a training step changes exactly what it touches
+    before = sf
+    net.train()
+    net.bn(torch.randn(8, 3))
+    after = memstate.fingerprint_state(net)
+    assert after.diff(before) == ["bn.num_batches_tracked", "bn.running_mean", "bn.running_var"]
+    assert after.digest != before.digest
+    assert memstate.fingerprint_state(net) == after
+
+
+def test_state_fingerprint_of_optimizer_and_dict():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sf = memstate.fingerprint_state(opt)
+    assert sorted(sf) == sorted(
+        f"state.{i}.{k}" for i in range(2) for k in ("exp_avg", "exp_avg_sq", "step")
+    )
+    assert sf["state.0.exp_avg"] == ref_fp(opt.state[net.weight]["exp_avg"])
+    d = {"b": torch.ones(3), "a": torch.zeros(2, dtype=torch.int64)}
+    sd = memstate.fingerprint_state(d)
+    assert list(sd) == ["a", "b"]
+    # dtype and shape enter the digest even where bytes are equal
+    d2 = {"b": torch.ones(3), "a": torch.zeros(4, dtype=torch.int32)}
+    assert memstate.fingerprint_state(d2)["a"] == sd["a"]
+    assert memstate.fingerprint_state(d2).digest != sd.digest
+    assert memstate.fingerprint_state(d2).diff(sd) == ["a"]
+    assert memstate.fingerprint_state({"c": torch.ones(1)}).diff(sd) == ["a", "b", "c"]
+    with pytest.raises(TypeError, match="'x'"):
+        memstate.fingerprint_state({"x": 3.0})
+    with pytest.raises(TypeError, match="nn.Module"):
+        memstate.fingerprint_state([torch.ones(1)])
+
+
+def test_reference_agrees_with_numpy_arrays():
+    a = np.arange(33, dtype=np.float32).reshape(3, 11)
+    assert ref.fingerprint_lanes(a) == memstate.fingerprint(torch.from_numpy(a)).lanes
+    assert ref.fingerprint_lanes(a.T) == memstate.fingerprint(torch.from_numpy(a).t()).lanes
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES + [8 * 1024 * 1024 + 5])
+def test_cuda_equals_cpu_and_reference(dtype, n):
+    gen = torch.Generator().manual_seed(n + 7 * DTYPES.index(dtype))
+    t = random_tensor(n, dtype, gen)
+    want = ref_fp(t) if n < 2_000_000 else memstate.fingerprint(t)
+    assert memstate.fingerprint(t.cuda()) == want
+
+
+@pytest.mark.cuda
+def test_cuda_views_offsets_shards_and_many():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(301, 257, generator=gen)
+    xc = x.cuda()
+    for v, vc in ((x.t(), xc.t()), (x[3:7], xc[3:7]), (x[:, 1], xc[:, 1])):
+        assert memstate.fingerprint(vc) == memstate.fingerprint(v)
+    b = torch.randint(0, 256, (100_000,), dtype=torch.uint8, generator=gen)
+    bc = b.cuda()
+    for start in range(9):  # unaligned device pointers
+        assert memstate.fingerprint(bc[start:start + 77_777]) == ref_fp(b[start:start + 77_777])
+    assert memstate.fingerprint_partial(bc[80:800], 10) == memstate.fingerprint_partial(b[80:800], 10)
+    ts = [torch.randn(n, generator=gen) for n in (0, 1, 5, 70_000, 1_000_000)] * 50
+    assert memstate.fingerprint_many([t.cuda() for t in ts]) == memstate.fingerprint_many(ts)
+    sd = {f"t{i}": t for i, t in enumerate(ts)}
+    assert memstate.fingerprint_state({k: v.cuda() for k, v in sd.items()}).digest == memstate.fingerprint_state(sd).digest
