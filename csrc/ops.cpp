@@ -15,6 +15,29 @@ TORCH_LIBRARY(memstate, m) {
   // global index (in 8-byte pairs) of tensors[i]'s first pair, or empty for all zero. Shards
   // of one tensor add up (mod 2^64) to the whole tensor's sums.
   m.def("fingerprint_sums(Tensor[] tensors, int[] first_pairs) -> Tensor");
+
+  // Fused optimizer steps over many tensors of one device and dtype (float32, float64,
+  // bfloat16, float16; math in float32, float64 for float64). Parameters and state are
+  // updated in place; gradients are only read. With fingerprint=True returns int64
+  // [N, roles, 2]: the msfp1 lanes of every role of every tensor after the update, computed
+  // in the same pass (roles in the order of the arguments); else an empty tensor.
+  // SGD: first[i] != 0 marks a new momentum buffer (buf := g, as torch's first step);
+  // momentum == 0 ignores momentum_buffers and first.
+  m.def(
+      "sgd_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] first, "
+      "float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+      "bool maximize, bool fingerprint) -> Tensor");
+  // Adam (decoupled=False) and AdamW (decoupled=True). steps[i] is tensor i's step count after
+  // this step's increment; bias corrections are computed from it in float64 on the host.
+  // amsgrad=False ignores max_exp_avg_sqs.
+  m.def(
+      "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
+      "bool maximize, bool fingerprint) -> Tensor");
+  // Whether any element of any floating tensor is NaN or infinite: a 0-d bool tensor on the
+  // tensors' device (no host sync on CUDA).
+  m.def("nonfinite_any(Tensor[] tensors) -> Tensor");
 }
 
 namespace {
@@ -49,4 +72,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fingerprint_chunk_bytes", &memstate::cpu::fingerprint_chunk_bytes);
   m.def("set_fingerprint_chunk_bytes", &memstate::cpu::set_fingerprint_chunk_bytes,
         "Bytes per CPU work item of the fingerprint ops (tests only).");
+  m.def("optim_chunk_elems", &memstate::cpu::optim_chunk_elems);
+  m.def("set_optim_chunk_elems", &memstate::cpu::set_optim_chunk_elems,
+        "Elements per work item of the fused optimizer ops, CPU and CUDA (tests only).");
 }

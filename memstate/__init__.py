@@ -7,6 +7,7 @@ The native ops (``torch.ops.memstate.*``) load on first use; ``memstate.referenc
 numpy implementation of the msfp1 spec that needs no build.
 """
 from memstate._version import __version__
+from memstate import optim
 from memstate.fingerprint import (
     Fingerprint,
     StateFingerprint,
@@ -19,6 +20,7 @@ from memstate.fingerprint import (
 
 __all__ = [
     "__version__",
+    "optim",
     "Fingerprint",
     "StateFingerprint",
     "fingerprint",

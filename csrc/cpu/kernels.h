@@ -31,5 +31,10 @@ void msfp1_accumulate(const unsigned char* data, uint64_t nbytes, uint64_t first
 int64_t fingerprint_chunk_bytes();
 void set_fingerprint_chunk_bytes(int64_t bytes);
 
+// Elements per work item of the fused optimizer ops (default 16384; a multiple of 8). The CUDA
+// kernels use the same setting. Settable so tests can prove results do not depend on it.
+int64_t optim_chunk_elems();
+void set_optim_chunk_elems(int64_t elems);
+
 }  // namespace cpu
 }  // namespace memstate

@@ -1,0 +1,178 @@
+// CPU runner of the fused optimizer ops: every tensor's elements are cut into fixed-size chunks
+// (a multiple of 8 elements, so every chunk starts on an 8-byte boundary of each role's
+// bytes); chunks are spread over threads with at::parallel_for. Within a chunk the shared
+// per-element functor updates all roles, then, while the chunk is still in cache, the msfp1
+// partial sums of each role's bytes are accumulated. Chunking and threading never change a
+// result: the element math is independent per element and the sums are integers mod 2^64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../optim_ops.h"
+#include "kernels.h"
+#include "memstate/msfp1.h"
+#include "memstate/optim_math.h"
+
+namespace memstate {
+namespace cpu {
+
+namespace {
+
+int64_t g_optim_chunk_elems = 16384;
+
+// Updates elements [begin, end) of one tensor's roles: one flat loop over independent elements
+// so that the compiler vectorises it; `ivdep` states that the roles never alias.
+template <class Op>
+__attribute__((always_inline)) inline void update_range(const Op& op, typename Op::storage_t* const* ptr,
+                                                        const optim::TensorScalars<typename Op::M>& ts,
+                                                        int64_t begin, int64_t end) {
+  using T = typename Op::storage_t;
+  using M = typename Op::M;
+  constexpr int R = Op::kRoles;
+  T* p[R];
+  for (int r = 0; r < R; ++r) p[r] = ptr[r];
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    M x[R];
+#pragma GCC unroll 5
+    for (int r = 0; r < R; ++r) x[r] = to_math(p[r][i]);
+    op(x, ts);
+#pragma GCC unroll 5
+    for (int r = 0; r < R; ++r) {
+      if (r != optim::kGrad) p[r][i] = to_storage<T>(x[r]);
+    }
+  }
+}
+
+template <class Op>
+void update_range_default(const Op& op, typename Op::storage_t* const* ptr,
+                          const optim::TensorScalars<typename Op::M>& ts, int64_t begin, int64_t end) {
+  update_range(op, ptr, ts, begin, end);
+}
+
+#if defined(__x86_64__)
+// The same loop compiled for AVX2. No FMA: contraction is off and "fma" is not enabled, and IEEE
+// add/mul/div/sqrt round identically at every vector width, so results equal the default path.
+template <class Op>
+__attribute__((target("avx2"))) void update_range_avx2(const Op& op, typename Op::storage_t* const* ptr,
+                                                       const optim::TensorScalars<typename Op::M>& ts,
+                                                       int64_t begin, int64_t end) {
+  update_range(op, ptr, ts, begin, end);
+}
+#endif
+
+template <class Op>
+void update_chunk(const Op& op, typename Op::storage_t* const* ptr,
+                  const optim::TensorScalars<typename Op::M>& ts, int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+  if (active_isa() == Isa::kAvx2) return update_range_avx2(op, ptr, ts, begin, end);
+#endif
+  update_range_default(op, ptr, ts, begin, end);
+}
+
+struct CpuRunner {
+  template <class Op>
+  static at::Tensor run(const Op& op, const OptimArgs& a,
+                        const std::vector<optim::TensorScalars<typename Op::M>>& ts, bool fingerprint) {
+    using T = typename Op::storage_t;
+    constexpr int R = Op::kRoles;
+    constexpr int64_t kElem = sizeof(T);
+    const int64_t n = a.n;
+    const int64_t chunk = g_optim_chunk_elems;
+    std::vector<int64_t> chunk_begin(n + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      chunk_begin[i + 1] = chunk_begin[i] + (a.roles[0][i].numel() + chunk - 1) / chunk;
+    }
+    const int64_t nchunks = chunk_begin[n];
+    std::vector<uint64_t> partial(fingerprint ? nchunks * R * 2 : 0, 0);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), cb) - chunk_begin.begin() - 1;
+      for (int64_t c = cb; c < ce; ++c) {
+        while (chunk_begin[t + 1] <= c) ++t;
+        T* ptr[R];
+        for (int r = 0; r < R; ++r) ptr[r] = static_cast<T*>(a.roles[r][t].data_ptr());
+        const int64_t begin = (c - chunk_begin[t]) * chunk;
+        const int64_t end = std::min(begin + chunk, a.roles[0][t].numel());
+        update_chunk(op, ptr, ts[t], begin, end);
+        if (fingerprint) {
+          // The chunk was just written: hashing it now reads cache, not memory.
+          for (int r = 0; r < R; ++r) {
+            msfp1_accumulate(reinterpret_cast<const unsigned char*>(ptr[r] + begin),
+                             static_cast<uint64_t>((end - begin) * kElem),
+                             static_cast<uint64_t>(begin * kElem / msfp1::kPairBytes),
+                             partial[(c * R + r) * 2], partial[(c * R + r) * 2 + 1]);
+          }
+        }
+      }
+    });
+    if (!fingerprint) return no_fingerprints();
+    at::Tensor out = at::zeros({n, R, 2}, at::kLong);
+    auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+    for (int64_t i = 0; i < n; ++i) {
+      const auto nbytes = static_cast<uint64_t>(a.roles[0][i].numel() * kElem);
+      for (int r = 0; r < R; ++r) {
+        uint64_t s0 = 0, s1 = 0;
+        for (int64_t c = chunk_begin[i]; c < chunk_begin[i + 1]; ++c) {
+          s0 += partial[(c * R + r) * 2];
+          s1 += partial[(c * R + r) * 2 + 1];
+        }
+        o[(i * R + r) * 2] = msfp1::finalize_lane0(s0, nbytes);
+        o[(i * R + r) * 2 + 1] = msfp1::finalize_lane1(s1, nbytes);
+      }
+    }
+    return out;
+  }
+};
+
+// Whether any element of any tensor is NaN or +-Inf (floating dtypes only). 0-d bool tensor.
+at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
+  std::atomic<bool> found{false};
+  for (size_t i = 0; i < tensors.size() && !found.load(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "memstate.nonfinite_any: tensors[", i, "] is ", t.layout());
+    if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) continue;
+    const at::Tensor c = t.contiguous();
+    const int64_t chunk = g_optim_chunk_elems;
+    at::parallel_for(0, (c.numel() + chunk - 1) / chunk, 1, [&](int64_t cb, int64_t ce) {
+      if (found.load(std::memory_order_relaxed)) return;
+      const int64_t begin = cb * chunk, end = std::min(ce * chunk, c.numel());
+      bool bad = false;
+      dispatch_storage(c.scalar_type() == at::kComplexFloat ? at::kFloat
+                       : c.scalar_type() == at::kComplexDouble ? at::kDouble : c.scalar_type(),
+                       [&](auto tag) {
+        using T = decltype(tag);
+        using M = math_t<T>;
+        const int64_t k = at::isComplexType(c.scalar_type()) ? 2 : 1;
+        const T* p = static_cast<const T*>(c.const_data_ptr());
+        for (int64_t j = begin * k; j < end * k; ++j) {
+          const M v = to_math(p[j]);
+          bad |= (v - v) != (v - v);  // NaN for NaN and +-Inf, 0 otherwise
+        }
+      });
+      if (bad) found.store(true, std::memory_order_relaxed);
+    });
+  }
+  return at::scalar_tensor(found.load(), at::TensorOptions().dtype(at::kBool));
+}
+
+}  // namespace
+
+int64_t optim_chunk_elems() { return g_optim_chunk_elems; }
+
+void set_optim_chunk_elems(int64_t elems) {
+  TORCH_CHECK(elems >= 8 && elems % 8 == 0,
+              "memstate: optimizer chunk size must be a positive multiple of 8 elements, got ", elems);
+  g_optim_chunk_elems = elems;
+}
+
+}  // namespace cpu
+}  // namespace memstate
+
+TORCH_LIBRARY_IMPL(memstate, CPU, m) {
+  m.impl("sgd_step", &memstate::sgd_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("adam_step", &memstate::adam_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("nonfinite_any", &memstate::cpu::nonfinite_any_cpu);
+}

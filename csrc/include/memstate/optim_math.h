@@ -1,0 +1,153 @@
+// Per-element optimizer updates: ONE definition used by the CPU and CUDA kernels.
+//
+// Everything is in the math type M (float for float32/bfloat16/float16 storage, double for
+// float64). Scalars arrive already rounded once to M from float64 host values (see
+// optim_scalars.h). The operation order is fixed and written out below; there is no FMA
+// contraction (-ffp-contract=off, nvcc --fmad=false), so each device evaluates exactly these
+// roundings and CPU == CUDA bit for bit.
+#pragma once
+
+#include <cmath>
+
+#include "memstate/macros.h"
+#include "memstate/precision.h"
+
+namespace memstate {
+namespace optim {
+
+// Roles of the tensors an optimizer step touches, in slot order. The gradient is read only.
+enum Role : int { kParam = 0, kGrad = 1, kState0 = 2, kState1 = 3, kState2 = 4 };
+constexpr int kMaxRoles = 5;
+
+template <typename M>
+MEMSTATE_HD M msqrt(M x) {
+#if defined(__CUDA_ARCH__)
+  return sqrt(x);  // correctly rounded (sqrt_rn) for float and double without fast-math
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// Group-wide SGD scalars, each rounded once from float64.
+template <typename M>
+struct SgdScalars {
+  M lr;
+  M momentum;
+  M one_minus_dampening;  // 1 - dampening
+  M weight_decay;
+  bool has_weight_decay;  // weight_decay != 0 (torch skips the add entirely when it is 0)
+  bool maximize;
+};
+
+// SGD, as torch.optim.SGD (foreach=False):
+//   g = maximize ? -grad : grad
+//   if weight_decay != 0:  g = g + weight_decay * p
+//   if momentum != 0:
+//     buf = first ? g : buf * momentum + (1 - dampening) * g
+//     g   = nesterov ? g + momentum * buf : buf
+//   p = p - lr * g
+template <typename M, bool kMomentum, bool kNesterov>
+MEMSTATE_HD void sgd_update(M& p, M grad, M& buf, bool first, const SgdScalars<M>& s) {
+  M g = s.maximize ? -grad : grad;
+  if (s.has_weight_decay) g = g + s.weight_decay * p;
+  if (kMomentum) {
+    buf = first ? g : buf * s.momentum + s.one_minus_dampening * g;
+    g = kNesterov ? g + s.momentum * buf : buf;
+  }
+  p = p - s.lr * g;
+}
+
+// Group-wide Adam/AdamW scalars, each rounded once from float64.
+template <typename M>
+struct AdamScalars {
+  M one_minus_beta1;  // 1 - beta1
+  M beta2;
+  M one_minus_beta2;  // 1 - beta2
+  M eps;
+  M weight_decay;     // Adam: L2 term added to the gradient
+  M decay_factor;     // AdamW: 1 - lr * weight_decay
+  bool has_weight_decay;
+  bool maximize;
+};
+
+// Per-tensor Adam scalars (they depend on the tensor's step count), rounded once from float64.
+template <typename M>
+struct AdamStepScalars {
+  M step_size;              // lr / (1 - beta1^step)
+  M bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+};
+
+// Adam / AdamW, as torch.optim.Adam / AdamW (foreach=False):
+//   g = maximize ? -grad : grad
+//   if weight_decay != 0:  Adam:  g = g + weight_decay * p
+//                          AdamW: p = p * (1 - lr * weight_decay)
+//   m = m + (1 - beta1) * (g - m)                  (torch: exp_avg.lerp_(g, 1 - beta1))
+//   v = v * beta2 + (1 - beta2) * (g * g)
+//   amsgrad: vmax = max(vmax, v); vh = vmax        else vh = v
+//   denom = sqrt(vh) / sqrt(1 - beta2^step) + eps
+//   p = p - step_size * (m / denom)
+template <typename M, bool kDecoupled, bool kAmsgrad>
+MEMSTATE_HD void adam_update(M& p, M grad, M& m, M& v, M& vmax, const AdamScalars<M>& s,
+                             const AdamStepScalars<M>& t) {
+  M g = s.maximize ? -grad : grad;
+  if (s.has_weight_decay) {
+    if (kDecoupled) {
+      p = p * s.decay_factor;
+    } else {
+      g = g + s.weight_decay * p;
+    }
+  }
+  m = m + s.one_minus_beta1 * (g - m);
+  v = v * s.beta2 + s.one_minus_beta2 * (g * g);
+  M vh = v;
+  if (kAmsgrad) {
+    vmax = (v != v || v > vmax) ? v : vmax;  // NaN propagates, as torch.maximum
+    vh = vmax;
+  }
+  const M denom = msqrt(vh) / t.bias_correction2_sqrt + s.eps;
+  p = p - t.step_size * (m / denom);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Functors: one per optimizer, shared by the CPU loop and the CUDA multi-tensor kernel. Each
+// says how many roles it touches and updates one element given the values of its roles in the
+// math type. Per-tensor scalars come in a TensorScalars (s0, s1, flag), already rounded.
+
+template <typename M>
+struct TensorScalars {
+  M s0;
+  M s1;
+  int flag;
+};
+
+template <typename T, bool kMomentum, bool kNesterov>
+struct SgdOp {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = kMomentum ? 3 : 2;  // param, grad[, momentum_buffer]
+  SgdScalars<M> s;
+  // flag: 1 when the momentum buffer is new (buf := g, as torch's first step)
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    M dummy = M(0);
+    M& buf = kMomentum ? x[kState0] : dummy;
+    sgd_update<M, kMomentum, kNesterov>(x[kParam], x[kGrad], buf, ts.flag != 0, s);
+  }
+};
+
+template <typename T, bool kDecoupled, bool kAmsgrad>
+struct AdamOp {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = kAmsgrad ? 5 : 4;  // param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]
+  AdamScalars<M> s;
+  // s0 = step_size, s1 = sqrt(1 - beta2^step)
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    M dummy = M(0);
+    M& vmax = kAmsgrad ? x[kState2] : dummy;
+    adam_update<M, kDecoupled, kAmsgrad>(x[kParam], x[kGrad], x[kState0], x[kState1], vmax, s,
+                                         AdamStepScalars<M>{ts.s0, ts.s1});
+  }
+};
+
+}  // namespace optim
+}  // namespace memstate

@@ -1,0 +1,144 @@
+// Device-independent entry points of the optimizer ops (tier 2, ATen level): argument checks,
+// float64 host scalars rounded once, dispatch over storage dtype and compile-time flags.
+// Each device file instantiates them with its Runner, which provides
+//   template <class Op> static at::Tensor run(const Op&, const OptimArgs&,
+//       const std::vector<optim::TensorScalars<typename Op::M>>&, bool fingerprint);
+// returning int64 [N, Op::kRoles, 2] finalised msfp1 lanes (or an empty tensor).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "memstate/optim_scalars.h"
+#include "memstate/precision.h"
+#include "tensor_util.h"
+
+namespace memstate {
+
+// The tensors of one fused step: roles[r][i] is role r (param, grad, state...) of tensor i.
+struct OptimArgs {
+  std::vector<at::Tensor> roles[optim::kMaxRoles];
+  int nroles = 0;
+  int64_t n = 0;
+  at::ScalarType dtype = at::kFloat;
+};
+
+// Checks that every role list has one dense, contiguous tensor per parameter, all on one
+// device, with the parameter's dtype and shape. Errors name the list and index.
+inline OptimArgs check_optim_args(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+  OptimArgs a;
+  auto it = lists.begin();
+  const at::TensorList params = it->second;
+  a.n = static_cast<int64_t>(params.size());
+  for (const auto& [name, list] : lists) {
+    TORCH_CHECK(static_cast<int64_t>(list.size()) == a.n, "memstate.", op, ": ", name, " has ",
+                list.size(), " tensors but params has ", a.n);
+    a.roles[a.nroles++] = std::vector<at::Tensor>(list.begin(), list.end());
+  }
+  if (a.n == 0) return a;
+  const at::Tensor& p0 = params[0];
+  a.dtype = p0.scalar_type();
+  TORCH_CHECK_TYPE(a.dtype == at::kFloat || a.dtype == at::kDouble || a.dtype == at::kBFloat16 ||
+                       a.dtype == at::kHalf,
+                   "memstate.", op, ": params[0] has dtype ", a.dtype,
+                   "; supported: float32, float64, bfloat16, float16");
+  for (const auto& [name, list] : lists) {
+    for (int64_t i = 0; i < a.n; ++i) {
+      const at::Tensor& t = list[i];
+      TORCH_CHECK_TYPE(t.layout() == at::kStrided, "memstate.", op, ": ", name, "[", i,
+                       "] is ", t.layout(), "; dense tensors only (sparse gradients are not supported)");
+      TORCH_CHECK(t.device() == p0.device(), "memstate.", op, ": ", name, "[", i, "] is on ",
+                  t.device(), " but params[0] is on ", p0.device());
+      TORCH_CHECK_TYPE(t.scalar_type() == a.dtype, "memstate.", op, ": ", name, "[", i,
+                       "] has dtype ", t.scalar_type(), " but params[0] has ", a.dtype);
+      TORCH_CHECK(t.sizes() == params[i].sizes(), "memstate.", op, ": ", name, "[", i,
+                  "] has shape ", t.sizes(), " but params[", i, "] has ", params[i].sizes());
+      TORCH_CHECK(t.is_contiguous() && !t.is_conj() && !t.is_neg(), "memstate.", op, ": ", name,
+                  "[", i, "] must be contiguous");
+    }
+  }
+  return a;
+}
+
+// Calls f(T{}) with the storage type of `dtype`.
+template <class F>
+void dispatch_storage(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(bf16_bits{});
+    case at::kHalf: return f(f16_bits{});
+    default: TORCH_CHECK(false, "memstate: unsupported dtype ", dtype);
+  }
+}
+
+inline at::Tensor no_fingerprints() { return at::empty({0}, at::kLong); }
+
+template <class Runner>
+at::Tensor sgd_step_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                         at::IntArrayRef first, double lr, double momentum, double dampening,
+                         double weight_decay, bool nesterov, bool maximize, bool fingerprint) {
+  const bool use_momentum = momentum != 0.0;
+  TORCH_CHECK(!nesterov || (use_momentum && dampening == 0.0),
+              "memstate.sgd_step: Nesterov momentum requires a momentum and zero dampening");
+  OptimArgs a = use_momentum
+                    ? check_optim_args("sgd_step", {{"params", params}, {"grads", grads}, {"momentum_buffers", momentum_buffers}})
+                    : check_optim_args("sgd_step", {{"params", params}, {"grads", grads}});
+  TORCH_CHECK(!use_momentum || static_cast<int64_t>(first.size()) == a.n, "memstate.sgd_step: first has ",
+              first.size(), " entries but params has ", a.n);
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_sgd_scalars<M>(lr, momentum, dampening, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    if (use_momentum) {
+      for (int64_t i = 0; i < a.n; ++i) ts[i].flag = first[i] != 0;
+      out = nesterov ? Runner::run(optim::SgdOp<T, true, true>{s}, a, ts, fingerprint)
+                     : Runner::run(optim::SgdOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = Runner::run(optim::SgdOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+template <class Runner>
+at::Tensor adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                          at::ArrayRef<double> steps, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                          bool fingerprint) {
+  OptimArgs a = amsgrad ? check_optim_args("adam_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                                         {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}})
+                        : check_optim_args("adam_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                                         {"exp_avg_sqs", exp_avg_sqs}});
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == a.n, "memstate.adam_step: steps has ", steps.size(),
+              " entries but params has ", a.n);
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_adam_scalars<M>(lr, beta1, beta2, eps, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n);
+    for (int64_t i = 0; i < a.n; ++i) {
+      TORCH_CHECK(steps[i] >= 1.0, "memstate.adam_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      const auto st = optim::make_adam_step_scalars<M>(lr, beta1, beta2, steps[i]);
+      ts[i] = {st.step_size, st.bias_correction2_sqrt, 0};
+    }
+    if (decoupled) {
+      out = amsgrad ? Runner::run(optim::AdamOp<T, true, true>{s}, a, ts, fingerprint)
+                    : Runner::run(optim::AdamOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = amsgrad ? Runner::run(optim::AdamOp<T, false, true>{s}, a, ts, fingerprint)
+                    : Runner::run(optim::AdamOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+}  // namespace memstate

@@ -1,0 +1,7 @@
+"""Fused deterministic optimizers: drop-in for torch.optim, bitwise reproducible (also CPU vs
+CUDA), with optional msfp1 fingerprints of every buffer computed in the same pass."""
+from memstate.optim._base import FusedOptimizer
+from memstate.optim.adam import Adam, AdamW
+from memstate.optim.sgd import SGD
+
+__all__ = ["SGD", "Adam", "AdamW", "FusedOptimizer"]

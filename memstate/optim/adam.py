@@ -1,0 +1,128 @@
+"""memstate.optim.Adam and AdamW: fused, deterministic, with in-pass fingerprints."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from memstate import _ext
+from memstate.fingerprint import fingerprint_many
+from memstate.optim._base import FusedOptimizer
+
+
+def _check_hparams(lr, betas, eps, weight_decay):
+    if not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class Adam(FusedOptimizer):
+    """Drop-in for ``torch.optim.Adam`` with a bitwise-reproducible fused step.
+
+    Same arguments and defaults as torch (lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+    weight_decay=0, amsgrad=False, maximize=False), plus ``fingerprint`` and
+    ``skip_if_nonfinite`` (see ``FusedOptimizer``). State keys as torch: ``step`` (a CPU
+    float32 0-d tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad).
+
+    Per element, in float32 (float64 for float64 params); step_size = lr / (1 - beta1^step)
+    and sqrt(1 - beta2^step) are computed per tensor in float64 and rounded once::
+
+        g = -grad if maximize else grad
+        if weight_decay != 0: Adam: g = g + weight_decay * p;  AdamW: p = p * (1 - lr * weight_decay)
+        m = m + (1 - beta1) * (g - m)
+        v = v * beta2 + (1 - beta2) * (g * g)
+        vh = max(vmax, v) -> vmax  if amsgrad else v
+        p = p - step_size * (m / (sqrt(vh) / sqrt(1 - beta2^step) + eps))
+    """
+
+    _name = "Adam"
+    _decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 maximize: bool = False, fingerprint: bool = False, skip_if_nonfinite: bool = False):
+        _check_hparams(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+
+    def _roles(self, group):
+        roles = ("param", "grad", "exp_avg", "exp_avg_sq")
+        return roles + ("max_exp_avg_sq",) if group["amsgrad"] else roles
+
+    def _init_state(self, group, p):
+        st = self.state[p]
+        st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        if group["amsgrad"]:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+
+    def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        states = [self.state[p] for p in params]
+        if group["amsgrad"]:
+            for p, st in zip(params, states):
+                if "max_exp_avg_sq" not in st:  # amsgrad switched on after state was created
+                    st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        step_tensors = [st["step"] for st in states]
+        torch._foreach_add_(step_tensors, 1)
+        steps = [float(s) for s in torch.stack(step_tensors).cpu().tolist()]
+        beta1, beta2 = group["betas"]
+        return _ext.ops().adam_step(
+            params, grads,
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else [],
+            steps, float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+            float(group["weight_decay"]), self._decoupled, bool(group["amsgrad"]), bool(group["maximize"]),
+            self.fingerprint,
+        )
+
+    def _after_fingerprinted_step(self):
+        # The step counters are tensor state too; fingerprint them in one native call.
+        params = [p for bucket, _, _ in self._pending for p in bucket]
+        fps = fingerprint_many([self.state[p]["step"] for p in params])
+        self._materialise()
+        for p, fp in zip(params, fps):
+            self._fingerprints[id(p)]["step"] = fp
+
+    def _required_state_keys(self, saved_group):
+        keys = ("step", "exp_avg", "exp_avg_sq")
+        return keys + ("max_exp_avg_sq",) if saved_group.get("amsgrad") else keys
+
+    def _normalise_loaded_state(self):
+        # torch's fused/capturable optimizers keep `step` on the device; ours lives on the CPU
+        for st in self.state.values():
+            if "step" in st:
+                s = st["step"]
+                st["step"] = (s.detach().to("cpu", torch.float32).reshape(())
+                              if isinstance(s, torch.Tensor) else torch.tensor(float(s), dtype=torch.float32))
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if k in st and not st[k].is_contiguous():
+                    st[k] = st[k].contiguous()
+
+
+class AdamW(Adam):
+    """Drop-in for ``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2)."""
+
+    _name = "AdamW"
+    _decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, fingerprint: bool = False, skip_if_nonfinite: bool = False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)

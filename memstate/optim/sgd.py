@@ -1,0 +1,99 @@
+"""memstate.optim.SGD: fused, deterministic SGD (momentum, Nesterov) with in-pass fingerprints."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from memstate import _ext
+from memstate.optim._base import FusedOptimizer
+
+
+class SGD(FusedOptimizer):
+    """Drop-in for ``torch.optim.SGD`` with a bitwise-reproducible fused step.
+
+    Same arguments and defaults as torch (lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+    nesterov=False, maximize=False), plus ``fingerprint`` and ``skip_if_nonfinite`` (see
+    ``FusedOptimizer``). State key ``momentum_buffer`` as in torch (None without momentum).
+
+    Per element, in float32 (float64 for float64 params), scalars rounded once from float64::
+
+        g = -grad if maximize else grad
+        if weight_decay != 0: g = g + weight_decay * p
+        if momentum != 0:
+            buf = g if first step else buf * momentum + (1 - dampening) * g
+            g = g + momentum * buf if nesterov else buf
+        p = p - lr * g
+    """
+
+    _name = "SGD"
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+            group.setdefault("maximize", False)
+
+    def _roles(self, group):
+        return ("param", "grad", "momentum_buffer") if group["momentum"] != 0 else ("param", "grad")
+
+    def _init_state(self, group, p):
+        self.state[p]["momentum_buffer"] = None
+
+    def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
+        momentum = float(group["momentum"])
+        bufs, first = [], []
+        if momentum != 0:
+            for p in params:
+                st = self.state[p]
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+                    st["momentum_buffer"] = buf
+                    first.append(1)
+                else:
+                    first.append(0)
+                bufs.append(buf)
+        return _ext.ops().sgd_step(
+            params, grads, bufs, first, float(group["lr"]), momentum, float(group["dampening"]),
+            float(group["weight_decay"]), bool(group["nesterov"]), bool(group["maximize"]), self.fingerprint,
+        )
+
+    def _required_state_keys(self, saved_group):
+        return ()
+
+    def _check_loaded_state(self, state_dict):
+        super()._check_loaded_state(state_dict)
+        # momentum buffers, where present, must match their parameter
+        params = [p for g in self.param_groups for p in g["params"]]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for key, p in zip(ids, params):
+            buf = state_dict["state"].get(key, {}).get("momentum_buffer")
+            if buf is not None and (not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(p.shape)):
+                got = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+                raise ValueError(
+                    f"loaded state 'momentum_buffer' of {self._param_label(p)} has shape {got}, "
+                    f"expected {tuple(p.shape)}"
+                )
+
+    def _normalise_loaded_state(self):
+        for p, st in self.state.items():
+            buf = st.get("momentum_buffer")
+            if buf is not None and not buf.is_contiguous():
+                st["momentum_buffer"] = buf.contiguous()
