@@ -66,7 +66,9 @@ def extensions():
     # No -std flag: torch's build helper picks the standard its headers need (C++17 up to
     # torch 2.13, C++20 from 2.14). -fopenmp: at::parallel_for is header code that runs
     # serially unless OpenMP is on.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-fast-math"]
+    # (Do not add -fno-fast-math: it turns -fmath-errno back on, and GCC then will not
+    # vectorise sqrt.)
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc"), _write_build_stamp()]
     if _want_cuda(torch, cpp_extension):
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")

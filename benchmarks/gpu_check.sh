@@ -36,5 +36,7 @@ run $PY -m pytest -q -rs tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
 grep -E "passed|failed|error" "$LOG" | tail -n 1 >"$OUT/tests.txt"
 step "bench_fingerprint"
 run $PY benchmarks/bench_fingerprint.py --json "$OUT/bench_fingerprint.json"
+step "bench_optim (CUDA only; the CPU figures come from the development machine)"
+run $PY benchmarks/bench_optim.py --device cuda --rounds 5 --json "$OUT/bench_optim.json"
 step "done, status $status"
 exit $status

@@ -38,6 +38,9 @@ TORCH_LIBRARY(memstate, m) {
   // Whether any element of any floating tensor is NaN or infinite: a 0-d bool tensor on the
   // tensors' device (no host sync on CUDA).
   m.def("nonfinite_any(Tensor[] tensors) -> Tensor");
+  // Adds 1 to each 0-d CPU step counter (float32/float64, torch's `step` state) in place and
+  // returns the new values: one call instead of a tensor op per parameter.
+  m.def("increment_steps(Tensor(a!)[] steps) -> float[]");
 }
 
 namespace {

@@ -48,6 +48,13 @@ class Fingerprint:
         raise AttributeError("Fingerprint is immutable")
 
     @classmethod
+    def _from_lanes(cls, lane0: int, lane1: int) -> "Fingerprint":
+        """Trusted constructor for lanes already known to be in [0, 2^64) (hot paths)."""
+        fp = object.__new__(cls)
+        object.__setattr__(fp, "_lanes", (lane0, lane1))
+        return fp
+
+    @classmethod
     def fromhex(cls, text: str) -> "Fingerprint":
         """Parses the 32-hex-digit form produced by ``hex()``."""
         if not isinstance(text, str) or len(text) != 32:
@@ -95,6 +102,7 @@ def _check_tensor(t, name: str) -> torch.Tensor:
 
 
 def _lanes_from_rows(rows: torch.Tensor) -> List[Tuple[int, int]]:
+    """int64 [N, 2] rows of uint64 bit patterns -> [(lane0, lane1)]."""
     return [(a & _M64, b & _M64) for a, b in rows.cpu().tolist()]
 
 
@@ -110,7 +118,7 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
     for idxs in by_device.values():
         rows = ops.fingerprint([checked[i] for i in idxs])
         for i, lanes in zip(idxs, _lanes_from_rows(rows)):
-            out[i] = Fingerprint(*lanes)
+            out[i] = Fingerprint._from_lanes(*lanes)
     return out
 
 

@@ -158,6 +158,30 @@ at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
   return at::scalar_tensor(found.load(), at::TensorOptions().dtype(at::kBool));
 }
 
+std::vector<double> increment_steps_cpu(at::TensorList steps) {
+  std::vector<double> out(steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
+                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+                "memstate.increment_steps: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
+                s.scalar_type(), " ", s.sizes(), " on ", s.device());
+  }
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& s = steps[i];
+    if (s.scalar_type() == at::kFloat) {
+      float* v = s.data_ptr<float>();
+      *v = *v + 1.0f;
+      out[i] = *v;
+    } else {
+      double* v = s.data_ptr<double>();
+      *v = *v + 1.0;
+      out[i] = *v;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 int64_t optim_chunk_elems() { return g_optim_chunk_elems; }
@@ -175,4 +199,5 @@ TORCH_LIBRARY_IMPL(memstate, CPU, m) {
   m.impl("sgd_step", &memstate::sgd_step_impl<memstate::cpu::CpuRunner>);
   m.impl("adam_step", &memstate::adam_step_impl<memstate::cpu::CpuRunner>);
   m.impl("nonfinite_any", &memstate::cpu::nonfinite_any_cpu);
+  m.impl("increment_steps", &memstate::cpu::increment_steps_cpu);
 }

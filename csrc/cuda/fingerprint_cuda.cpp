@@ -6,29 +6,16 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <vector>
 
 #include "../tensor_util.h"
+#include "glue_util.h"
 #include "kernels.h"
 
 namespace memstate {
 namespace cuda {
 
 namespace {
-
-void check_launch(const char* what) {
-  const char* err = last_error();
-  TORCH_CHECK(err == nullptr, "memstate.", what, ": CUDA kernel launch failed: ", err);
-}
-
-// Copies `bytes` of host data into a fresh device buffer, ordered on the current stream.
-at::Tensor upload(const void* host, size_t bytes, const c10::Device& device) {
-  at::Tensor pinned =
-      at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(pinned.data_ptr(), host, bytes);
-  return pinned.to(device, /*non_blocking=*/true);
-}
 
 // Sums of every tensor into an int64 [N, 2] device tensor; finalised when `finalize`.
 at::Tensor msfp1_run(at::TensorList tensors, at::IntArrayRef first_pairs, bool finalize,
@@ -49,24 +36,16 @@ at::Tensor msfp1_run(at::TensorList tensors, at::IntArrayRef first_pairs, bool f
     TORCH_CHECK(n < (int64_t{1} << 31), "memstate.", op, ": tensors[", i, "] is too large");
     for (int64_t c = 0; c < n; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
   }
-  const size_t task_bytes = tasks.size() * sizeof(Msfp1Task);
-  const size_t chunk_off = (task_bytes + 15) / 16 * 16;
-  std::vector<unsigned char> blob(chunk_off + chunks.size() * sizeof(Msfp1Chunk));
-  std::memcpy(blob.data(), tasks.data(), task_bytes);
-  if (!chunks.empty()) std::memcpy(blob.data() + chunk_off, chunks.data(), chunks.size() * sizeof(Msfp1Chunk));
-  at::Tensor meta = upload(blob.data(), blob.size(), device);
-  const auto* d_tasks = reinterpret_cast<const Msfp1Task*>(meta.const_data_ptr());
-  const auto* d_chunks = reinterpret_cast<const Msfp1Chunk*>(
-      static_cast<const unsigned char*>(meta.const_data_ptr()) + chunk_off);
+  const auto tables = upload_tables(tasks, chunks, device);
 
   at::Tensor out = at::zeros({static_cast<int64_t>(ts.size()), 2},
                              at::TensorOptions().dtype(at::kLong).device(device));
   auto* sums = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  launch_msfp1_sums(d_tasks, d_chunks, static_cast<int64_t>(chunks.size()), sums, stream);
+  launch_msfp1_sums(tables.a, tables.b, static_cast<int64_t>(chunks.size()), sums, stream);
   check_launch(op);
   if (finalize) {
-    launch_msfp1_finalize(d_tasks, static_cast<int64_t>(tasks.size()), sums, stream);
+    launch_msfp1_finalize(tables.a, static_cast<int64_t>(tasks.size()), sums, stream);
     check_launch(op);
   }
   return out;

@@ -7,7 +7,7 @@ import torch
 from torch.optim import Optimizer
 
 from memstate import _ext
-from memstate.fingerprint import Fingerprint, StateFingerprint, fingerprint_many
+from memstate.fingerprint import Fingerprint, StateFingerprint
 
 _M64 = (1 << 64) - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -79,9 +79,9 @@ class FusedOptimizer(Optimizer):
     @staticmethod
     def _buckets(params: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
         """Parameters grouped by (device, dtype), in first-seen order."""
-        buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+        buckets: Dict[Tuple[int, torch.dtype], List[torch.Tensor]] = {}
         for p in params:
-            buckets.setdefault((p.device, p.dtype), []).append(p)
+            buckets.setdefault((p.get_device(), p.dtype), []).append(p)
         return list(buckets.values())
 
     @staticmethod
@@ -144,7 +144,7 @@ class FusedOptimizer(Optimizer):
             lanes = rows.cpu().tolist()
             for p, per_role in zip(bucket, lanes):
                 self._fingerprints.setdefault(id(p), {}).update(
-                    {role: Fingerprint(a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)}
+                    {role: Fingerprint._from_lanes(a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)}
                 )
         self._pending = []
 

@@ -6,7 +6,6 @@ from typing import List, Optional, Tuple
 import torch
 
 from memstate import _ext
-from memstate.fingerprint import fingerprint_many
 from memstate.optim._base import FusedOptimizer
 
 
@@ -77,9 +76,7 @@ class Adam(FusedOptimizer):
             for p, st in zip(params, states):
                 if "max_exp_avg_sq" not in st:  # amsgrad switched on after state was created
                     st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        step_tensors = [st["step"] for st in states]
-        torch._foreach_add_(step_tensors, 1)
-        steps = [float(s) for s in torch.stack(step_tensors).cpu().tolist()]
+        steps = _ext.ops().increment_steps([st["step"] for st in states])
         beta1, beta2 = group["betas"]
         return _ext.ops().adam_step(
             params, grads,
@@ -92,12 +89,11 @@ class Adam(FusedOptimizer):
         )
 
     def _after_fingerprinted_step(self):
-        # The step counters are tensor state too; fingerprint them in one native call.
+        # The step counters are tensor state too: fingerprint them in one native call, kept
+        # pending like the kernel's rows until someone asks.
         params = [p for bucket, _, _ in self._pending for p in bucket]
-        fps = fingerprint_many([self.state[p]["step"] for p in params])
-        self._materialise()
-        for p, fp in zip(params, fps):
-            self._fingerprints[id(p)]["step"] = fp
+        rows = _ext.ops().fingerprint([self.state[p]["step"] for p in params])
+        self._pending.append((params, ("step",), rows.unsqueeze(1)))
 
     def _required_state_keys(self, saved_group):
         keys = ("step", "exp_avg", "exp_avg_sq")

@@ -1,0 +1,143 @@
+"""Fused optimizer step time: memstate (fingerprint off / on) against torch.optim foreach and
+fused=True, interleaved in the same run, plus effective bandwidth against a plain copy.
+
+Cases: 1M, 10M and 100M float32 parameters spread over 10 to 1000 tensors. For each case and
+optimizer (AdamW, SGD with momentum) it prints the median step time of every contender, the
+ratios memstate/torch-fused, and the effective bandwidth (bytes the step must move, divided by
+its time) as a fraction of a plain device copy of the same number of bytes. Targets (issue 3):
+CPU: fingerprint off <= 1.0x torch fused AdamW, fingerprint on <= 1.5x; CUDA: <= 1.0x fused,
+fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
+
+    python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+
+import memstate.optim as mo  # noqa: E402
+
+# bytes moved per parameter per step (fp32): reads + writes of every role
+MOVED = {"adamw": (4 + 3) * 4, "sgd": (3 + 2) * 4}
+HASHED = {"adamw": 4 * 4, "sgd": 3 * 4}  # roles fingerprinted: param, grad, state(s)
+
+
+def make_params(total: int, ntensors: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = total // ntensors
+    sizes = [base + (1 if i < total - base * ntensors else 0) for i in range(ntensors)]
+    ps = []
+    for s in sizes:
+        p = torch.randn(s, generator=g).to(device).requires_grad_()
+        p.grad = torch.randn(s, generator=g).to(device) * 1e-3
+        ps.append(p)
+    return ps
+
+
+def contenders(kind: str, device: str, total: int, ntensors: int):
+    def clone_params():
+        return make_params(total, ntensors, device)
+
+    if kind == "adamw":
+        mk = {
+            "memstate": lambda ps: mo.AdamW(ps, lr=1e-3),
+            "memstate+fp": lambda ps: mo.AdamW(ps, lr=1e-3, fingerprint=True),
+            "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+            "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        }
+    else:
+        mk = {
+            "memstate": lambda ps: mo.SGD(ps, lr=1e-3, momentum=0.9),
+            "memstate+fp": lambda ps: mo.SGD(ps, lr=1e-3, momentum=0.9, fingerprint=True),
+            "torch foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
+            "torch fused": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True),
+        }
+    out = {}
+    for name, make in mk.items():
+        try:
+            opt = make(clone_params())
+            opt.step()  # creates state
+            out[name] = opt.step
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. no fused kernel for this device
+            print(f"  ({name} unavailable on {device}: {str(e).splitlines()[0]})")
+    return out
+
+
+def bench(device: str, quick: bool, rounds: int):
+    rows = []
+    if quick:
+        grid = [(1_000_000, 10), (1_000_000, 1000)]
+    else:
+        grid = [(1_000_000, 10), (1_000_000, 1000), (10_000_000, 10), (10_000_000, 100),
+                (10_000_000, 1000), (100_000_000, 10), (100_000_000, 1000)]
+    for total, ntensors in grid:
+        # anchor: a plain copy moving the same bytes as the AdamW step (half read, half written)
+        src = torch.empty(MOVED["adamw"] * total // 8, dtype=torch.float32, device=device).normal_()
+        dst = torch.empty_like(src)
+        for kind in ("adamw", "sgd"):
+            cases = contenders(kind, device, total, ntensors)
+            cases["copy (anchor)"] = lambda: dst.copy_(src)
+            r = rounds if total < 100_000_000 else max(3, rounds // 2)
+            t = _timing.interleaved(cases, device, rounds=r, inner=1 if device == "cpu" or total >= 10_000_000 else 5)
+            copy_gbs = src.numel() * 4 * 2 / t["copy (anchor)"] / 1e9
+            fused = t.get("torch fused")
+            for name, sec in t.items():
+                if name == "copy (anchor)":
+                    continue
+                moved = MOVED[kind] * total
+                row = {
+                    "device": device, "opt": kind, "params": total, "tensors": ntensors, "case": name,
+                    "ms": round(sec * 1e3, 3),
+                    "vs_fused": round(sec / fused, 3) if fused else None,
+                    "GB/s": round(moved / sec / 1e9, 2),
+                    "of_copy": round(moved / sec / 1e9 / copy_gbs, 3),
+                }
+                if name == "memstate+fp":
+                    row["hashed GB/s"] = round(HASHED[kind] * total / sec / 1e9, 2)
+                    row["fp_cost"] = round(sec / t["memstate"] - 1, 3)
+                rows.append(row)
+            rows.append({"device": device, "opt": kind, "params": total, "tensors": ntensors,
+                         "case": "copy (anchor)", "ms": round(t["copy (anchor)"] * 1e3, 3),
+                         "GB/s": round(copy_gbs, 2)})
+            del cases
+        del src, dst
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            sys.exit("no CUDA device")
+        devices.remove("cuda")
+    rows = []
+    for dev in devices:
+        rows += bench(dev, args.quick, 3 if args.quick else args.rounds)
+    print(f"machine: {_timing.machine()}")
+    hdr = (f"{'dev':4} {'opt':5} {'params':>9} {'tensors':>7}  {'case':14} {'ms':>9} {'vs fused':>8} "
+           f"{'GB/s':>7} {'of copy':>7} {'fp cost':>7} {'hash GB/s':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+    for r in rows:
+        print(f"{r['device']:4} {r['opt']:5} {r['params']:>9} {r['tensors']:>7}  {r['case']:14} {r['ms']:>9.3f} "
+              f"{fmt(r.get('vs_fused'), '>8.3f'):>8} {r['GB/s']:>7.2f} {fmt(r.get('of_copy'), '>7.3f'):>7} "
+              f"{fmt(r.get('fp_cost'), '>+7.1%'):>7} {fmt(r.get('hashed GB/s'), '>9.2f'):>9}")
+    if args.json:
+        _timing.write_json(args.json, {"machine": _timing.machine(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
