@@ -117,15 +117,15 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         groups_params = [self._params_with_grad(g) for g in self.param_groups]
         self.last_step_skipped = False
+        self._pending = []
+        self._fingerprints = {}  # a skipped step has no fingerprints
         if self.skip_if_nonfinite and self._any_nonfinite(groups_params):
             self.last_step_skipped = True
             self.skipped_steps += 1
             return loss
-        self._pending = []
-        self._fingerprints = {}
         for group, params in zip(self.param_groups, groups_params):
             for p in params:
-                if len(self.state[p]) == 0:
+                if not self.state.get(p):
                     self._init_state(group, p)
             for bucket in self._buckets(params):
                 rows = self._step_bucket(group, bucket, [self._grad(p) for p in bucket])
@@ -152,7 +152,8 @@ class FusedOptimizer(Optimizer):
         """msfp1 fingerprints of parameter ``p``'s tensors from the last step.
 
         Keys: "param" (after the update), "grad" (as read), and every tensor state key
-        (after the update). Requires ``fingerprint=True``; empty if ``p`` had no gradient.
+        (after the update). Requires ``fingerprint=True``; empty if ``p`` had no gradient or
+        the last step was skipped (``skip_if_nonfinite``).
         """
         if not self.fingerprint:
             raise RuntimeError(f"{self._name} was created with fingerprint=False; pass fingerprint=True")

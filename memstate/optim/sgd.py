@@ -14,7 +14,7 @@ class SGD(FusedOptimizer):
 
     Same arguments and defaults as torch (lr=1e-3, momentum=0, dampening=0, weight_decay=0,
     nesterov=False, maximize=False), plus ``fingerprint`` and ``skip_if_nonfinite`` (see
-    ``FusedOptimizer``). State key ``momentum_buffer`` as in torch (None without momentum).
+    ``FusedOptimizer``). State key ``momentum_buffer`` as in torch (no state without momentum).
 
     Per element, in float32 (float64 for float64 params), scalars rounded once from float64::
 
@@ -54,7 +54,9 @@ class SGD(FusedOptimizer):
         return ("param", "grad", "momentum_buffer") if group["momentum"] != 0 else ("param", "grad")
 
     def _init_state(self, group, p):
-        self.state[p]["momentum_buffer"] = None
+        # as torch: no state at all without momentum; the buffer is created by the first step
+        if group["momentum"] != 0:
+            self.state[p]["momentum_buffer"] = None
 
     def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
         momentum = float(group["momentum"])
