@@ -38,5 +38,7 @@ step "bench_fingerprint"
 run $PY benchmarks/bench_fingerprint.py --json "$OUT/bench_fingerprint.json"
 step "bench_optim (CUDA only; the CPU figures come from the development machine)"
 run $PY benchmarks/bench_optim.py --device cuda --rounds 5 --json "$OUT/bench_optim.json"
+step "bench_snapshot (CUDA only)"
+run $PY benchmarks/bench_snapshot.py --device cuda --rounds 5 --json "$OUT/bench_snapshot.json"
 step "done, status $status"
 exit $status

@@ -15,6 +15,11 @@ TORCH_LIBRARY(memstate, m) {
   // global index (in 8-byte pairs) of tensors[i]'s first pair, or empty for all zero. Shards
   // of one tensor add up (mod 2^64) to the whole tensor's sums.
   m.def("fingerprint_sums(Tensor[] tensors, int[] first_pairs) -> Tensor");
+  // Fused copy + fingerprint: copies the logical row-major bytes of src[i] into dst[i]
+  // (contiguous, same byte count, any dtype: snapshot arenas are uint8) and, with
+  // fingerprint=True, returns the msfp1 lanes of the copied bytes, int64 [N, 2], computed in the
+  // same pass; else an empty tensor.
+  m.def("copy_fingerprint(Tensor[] src, Tensor(a!)[] dst, bool fingerprint) -> Tensor");
 
   // Fused optimizer steps over many tensors of one device and dtype (float32, float64,
   // bfloat16, float16; math in float32, float64 for float64). Parameters and state are

@@ -46,4 +46,24 @@ inline std::vector<uint64_t> checked_first_pairs(at::IntArrayRef first_pairs, si
   return out;
 }
 
+// Destination pointers of a byte copy src[i] -> dst[i]: every dst must be dense, contiguous,
+// on src's device and hold exactly as many bytes as src[i]. Errors name the index.
+inline std::vector<unsigned char*> checked_copy_targets(const std::vector<at::Tensor>& src,
+                                                        at::TensorList dst, const char* op) {
+  TORCH_CHECK(dst.size() == src.size(), "memstate.", op, ": ", src.size(), " sources but ",
+              dst.size(), " destinations");
+  std::vector<unsigned char*> out(src.size());
+  for (size_t i = 0; i < src.size(); ++i) {
+    const at::Tensor& d = dst[i];
+    TORCH_CHECK(d.layout() == at::kStrided && d.is_contiguous() && !d.is_conj() && !d.is_neg(),
+                "memstate.", op, ": dst[", i, "] must be a dense contiguous tensor");
+    TORCH_CHECK(d.device() == src[i].device(), "memstate.", op, ": dst[", i, "] is on ",
+                d.device(), " but src[", i, "] is on ", src[i].device());
+    TORCH_CHECK(nbytes_of(d) == nbytes_of(src[i]), "memstate.", op, ": dst[", i, "] holds ",
+                nbytes_of(d), " bytes but src[", i, "] has ", nbytes_of(src[i]));
+    out[i] = static_cast<unsigned char*>(d.data_ptr());
+  }
+  return out;
+}
+
 }  // namespace memstate

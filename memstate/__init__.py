@@ -17,6 +17,7 @@ from memstate.fingerprint import (
     fingerprint_partial,
     fingerprint_state,
 )
+from memstate.snapshot import Snapshot, SnapshotError
 
 __all__ = [
     "__version__",
@@ -28,4 +29,6 @@ __all__ = [
     "fingerprint_partial",
     "finalize_partial",
     "fingerprint_state",
+    "Snapshot",
+    "SnapshotError",
 ]

@@ -241,7 +241,9 @@ def named_state_tensors(obj: StateLike) -> List[Tuple[str, torch.Tensor]]:
     - ``Optimizer``: every tensor in its state, named ``state.{index}.{key}`` where index is
       the parameter's position over all param_groups (as in ``optimizer.state_dict()``).
       Non-tensor state values are skipped.
-    - a mapping of names to tensors: as given (every value must be a tensor).
+    - a mapping of names to tensors (as given), or to modules, optimizers or further mappings,
+      whose names are prefixed with the key and a dot: ``{"model": m, "optimizer": o}`` gives
+      ``model.fc.weight``, ``optimizer.state.0.exp_avg``, ... (the names of ``Snapshot``).
     """
     if isinstance(obj, torch.nn.Module):
         items = list(obj.named_parameters()) + list(obj.named_buffers())
@@ -261,9 +263,14 @@ def named_state_tensors(obj: StateLike) -> List[Tuple[str, torch.Tensor]]:
         for name, value in obj.items():
             if not isinstance(name, str):
                 raise TypeError(f"state dict keys must be str, got {name!r}")
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state entry {name!r} is a {type(value).__name__}, not a tensor")
-            out.append((name, value))
+            if isinstance(value, torch.Tensor):
+                out.append((name, value))
+            elif isinstance(value, (torch.nn.Module, torch.optim.Optimizer, Mapping)):
+                out += [(f"{name}.{n}", t) for n, t in named_state_tensors(value)]
+            else:
+                raise TypeError(
+                    f"state entry {name!r} is a {type(value).__name__}, not a tensor, module, optimizer or dict"
+                )
         return out
     raise TypeError(
         f"fingerprint_state takes an nn.Module, an Optimizer or a dict of tensors, got {type(obj).__name__}"

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "../tensor_util.h"
@@ -19,8 +20,11 @@ namespace {
 
 int64_t g_chunk_bytes = int64_t{1} << 19;  // 512 KiB per work item
 
-// Sums of every tensor as an int64 [N, 2] tensor holding the uint64 bit patterns.
-at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint64_t>& first_pairs) {
+// Sums of every tensor as an int64 [N, 2] tensor holding the uint64 bit patterns. When `dst` is
+// given, each chunk of ts[i] is first copied to dst[i] and the copy is hashed while in cache:
+// a fused copy + fingerprint in one pass over memory.
+at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint64_t>& first_pairs,
+                      const std::vector<unsigned char*>* dst = nullptr, bool hash = true) {
   const int64_t n = static_cast<int64_t>(ts.size());
   const int64_t chunk = g_chunk_bytes;
   std::vector<int64_t> chunk_begin(n + 1, 0);  // prefix sum of chunks per tensor
@@ -38,7 +42,12 @@ at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint6
       const int64_t start = (c - chunk_begin[t]) * chunk;
       const int64_t len = std::min(chunk, nbytes_of(ts[t]) - start);
       const auto* data = static_cast<const unsigned char*>(ts[t].const_data_ptr()) + start;
-      msfp1_accumulate(data, static_cast<uint64_t>(len),
+      if (dst != nullptr) {
+        unsigned char* to = (*dst)[t] + start;
+        std::memcpy(to, data, static_cast<size_t>(len));
+        data = to;
+      }
+      if (hash) msfp1_accumulate(data, static_cast<uint64_t>(len),
                        first_pairs[t] + static_cast<uint64_t>(start / msfp1::kPairBytes),
                        partial[2 * c], partial[2 * c + 1]);
     }
@@ -60,16 +69,30 @@ at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pa
   return msfp1_sums(ts, checked_first_pairs(first_pairs, ts.size(), "fingerprint_sums"));
 }
 
-at::Tensor fingerprint_cpu(at::TensorList tensors) {
-  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
-  auto ts = contiguous_bytes_views(tensors, "fingerprint", tensors[0].device());
-  at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0));
+void finalize_rows(at::Tensor& out, const std::vector<at::Tensor>& ts) {
   auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   for (size_t i = 0; i < ts.size(); ++i) {
     const auto nb = static_cast<uint64_t>(nbytes_of(ts[i]));
     o[2 * i] = msfp1::finalize_lane0(o[2 * i], nb);
     o[2 * i + 1] = msfp1::finalize_lane1(o[2 * i + 1], nb);
   }
+}
+
+at::Tensor fingerprint_cpu(at::TensorList tensors) {
+  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
+  auto ts = contiguous_bytes_views(tensors, "fingerprint", tensors[0].device());
+  at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0));
+  finalize_rows(out, ts);
+  return out;
+}
+
+at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fingerprint) {
+  if (src.empty()) return at::zeros({0, 2}, at::kLong);
+  auto ts = contiguous_bytes_views(src, "copy_fingerprint", src[0].device());
+  const auto dptr = checked_copy_targets(ts, dst, "copy_fingerprint");
+  at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0), &dptr, fingerprint);
+  if (!fingerprint) return at::empty({0}, at::kLong);
+  finalize_rows(out, ts);
   return out;
 }
 
@@ -90,4 +113,5 @@ void set_fingerprint_chunk_bytes(int64_t bytes) {
 TORCH_LIBRARY_IMPL(memstate, CPU, m) {
   m.impl("fingerprint", &memstate::cpu::fingerprint_cpu);
   m.impl("fingerprint_sums", &memstate::cpu::fingerprint_sums_cpu);
+  m.impl("copy_fingerprint", &memstate::cpu::copy_fingerprint_cpu);
 }

@@ -56,16 +56,22 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t pair0 = t.first_pair + start / msfp1::kPairBytes;
   const uint64_t nvec = len / 16;  // two pairs per 16-byte vector
   const uint4* vec = reinterpret_cast<const uint4*>(base);
+  uint4* out = t.dst != nullptr ? reinterpret_cast<uint4*>(t.dst + start) : nullptr;
   uint64_t s0 = 0, s1 = 0;
 #pragma unroll 4
   for (uint64_t i = threadIdx.x; i < nvec; i += kThreads) {
     const uint4 w = __ldcs(vec + i);  // streamed once: do not keep in cache
+    if (out != nullptr) __stcs(out + i, w);
     msfp1::accumulate_pair(w.x, w.y, pair0 + 2 * i, s0, s1);
     msfp1::accumulate_pair(w.z, w.w, pair0 + 2 * i + 1, s0, s1);
   }
   if (threadIdx.x == 0 && nvec * 16 < len) {
+    if (out != nullptr) {
+      for (uint64_t b = nvec * 16; b < len; ++b) t.dst[start + b] = base[b];
+    }
     msfp1::accumulate_bytes(base + nvec * 16, len - nvec * 16, pair0 + 2 * nvec, s0, s1);
   }
+  if (sums == nullptr) return;
   block_fold(s0, s1, sums + 2 * ch.task);
 }
 

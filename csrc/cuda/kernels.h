@@ -14,6 +14,7 @@ struct Msfp1Task {
   const unsigned char* data;
   uint64_t nbytes;
   uint64_t first_pair;  // global pair index of the first 8 bytes (0 unless a shard)
+  unsigned char* dst;   // when not null (16-byte aligned): the bytes are also copied here
 };
 
 // One block's work: bytes [index * kMsfp1ChunkBytes, ...) of task `task`.
@@ -24,7 +25,9 @@ struct Msfp1Chunk {
 
 constexpr int64_t kMsfp1ChunkBytes = 64 * 1024;
 
-// Adds each task's msfp1 sums into sums[2*task], sums[2*task+1] (zeroed by the caller).
+// Adds each task's msfp1 sums into sums[2*task], sums[2*task+1] (zeroed by the caller), and
+// copies the task's bytes to its dst when that is set (fused copy + fingerprint). `sums` may be
+// null for a plain copy.
 // All pointers are device pointers. Integer atomics only: the result is independent of the
 // launch configuration and of the order in which blocks run.
 void launch_msfp1_sums(const Msfp1Task* tasks, const Msfp1Chunk* chunks, int64_t nchunks,
