@@ -321,3 +321,63 @@ def test_cuda_views_offsets_shards_and_many():
     assert memstate.fingerprint_many([t.cuda() for t in ts]) == memstate.fingerprint_many(ts)
     sd = {f"t{i}": t for i, t in enumerate(ts)}
     assert memstate.fingerprint_state({k: v.cuda() for k, v in sd.items()}).digest == memstate.fingerprint_state(sd).digest
+
+
+# ------------------------------------------------------------------------- fused copy + hash
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4097, 1_000_003])
+def test_copy_fingerprint_copies_and_hashes_in_one_pass(n, threads):
+    ops = _ext.ops()
+    C = _ext.load()
+    gen = torch.Generator().manual_seed(n)
+    src = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen),
+           torch.randn(n // 3 + 1, generator=gen, dtype=torch.float64),
+           torch.randn(n // 5 + 2, 3, generator=gen)[:, 1]]  # a non-contiguous view
+    before = C.fingerprint_chunk_bytes()
+    try:
+        for n_threads, chunk in ((1, 64), (2, 1 << 19), (2, 4096)):
+            threads(n_threads)
+            C.set_fingerprint_chunk_bytes(chunk)
+            arena = torch.full((sum(s.numel() * s.element_size() for s in src) + 200,), 7, dtype=torch.uint8)
+            dst, off = [], 3  # odd offsets: destinations need no alignment on the CPU
+            for s in src:
+                nb = s.numel() * s.element_size()
+                dst.append(arena[off:off + nb])
+                off += nb + 5
+            rows = ops.copy_fingerprint(src, dst, True)
+            for s, d, (a, b) in zip(src, dst, rows.tolist()):
+                assert bytes(d.numpy()) == ref.tensor_bytes(s)
+                assert memstate.Fingerprint(a & (2**64 - 1), b & (2**64 - 1)) == ref_fp(s)
+            # into typed destinations as well (any dtype with the same byte count)
+            typed = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in src]
+            assert ops.copy_fingerprint(src, typed, False).numel() == 0
+            assert all(torch.equal(t, s) for t, s in zip(typed, src))
+    finally:
+        C.set_fingerprint_chunk_bytes(before)
+
+
+def test_copy_fingerprint_checks_destinations():
+    ops = _ext.ops()
+    with pytest.raises(RuntimeError, match=r"dst\[0\] holds 12 bytes but src\[0\] has 16"):
+        ops.copy_fingerprint([torch.ones(4)], [torch.ones(3)], True)
+    with pytest.raises(RuntimeError, match=r"dst\[0\] must be a dense contiguous"):
+        ops.copy_fingerprint([torch.ones(4)], [torch.ones(4, 2)[:, 0]], True)
+    with pytest.raises(RuntimeError, match="2 destinations"):
+        ops.copy_fingerprint([torch.ones(4)], [torch.ones(4), torch.ones(4)], True)
+
+
+@pytest.mark.cuda
+def test_cuda_copy_fingerprint_aligned_and_unaligned():
+    ops = _ext.ops()
+    gen = torch.Generator().manual_seed(11)
+    src = [torch.randint(0, 256, (n,), dtype=torch.uint8, generator=gen).cuda() for n in (0, 1, 15, 16, 17, 70_001, 3_000_000)]
+    for off in (0, 1, 8, 16):
+        arena = torch.zeros(sum(s.numel() for s in src) + 64 * len(src) + off, dtype=torch.uint8, device="cuda")
+        dst, o = [], off
+        for s in src:
+            dst.append(arena[o:o + s.numel()])
+            o += (s.numel() + 63) // 64 * 64 + off
+        rows = ops.copy_fingerprint(src, dst, True).cpu().tolist()
+        for s, d, (a, b) in zip(src, dst, rows):
+            assert torch.equal(d, s)
+            assert memstate.Fingerprint(a & (2**64 - 1), b & (2**64 - 1)) == ref_fp(s.cpu())

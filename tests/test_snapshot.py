@@ -421,3 +421,30 @@ def test_cuda_replay_and_files(tmp_path):
     again = steps(3)
     spill.restore()
     assert steps(3) == again
+
+
+def test_grad_scaler_and_stateful_extra_roundtrip(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(1))  # the scale tensor is created lazily
+    net = torch.nn.Linear(2, 2)
+    sampler = CountingSampler(10)
+    snap = Snapshot.capture(net, scaler=scaler, extra={"sampler2": sampler}, rng=False)
+    scaler.update(new_scale=4.0)
+    sampler.next_batch(3)
+    assert scaler.get_scale() == 4.0 and sampler.pos == 3
+    snap.restore()
+    assert scaler.get_scale() == 1024.0 and sampler.pos == 0
+    snap.save(str(tmp_path / "s"))
+    scaler.update(new_scale=8.0)
+    Snapshot.load(str(tmp_path / "s"), net, scaler=scaler, extra={"sampler2": sampler}, rng=False).restore()
+    assert scaler.get_scale() == 1024.0
+
+
+def test_bad_sources_are_named():
+    net = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match=r"extra\['ptr'\] is a int"):
+        Snapshot.capture(net, extra={"ptr": 3})
+    with pytest.raises(TypeError, match="scheduler must have state_dict"):
+        Snapshot.capture(net, scheduler=object())
+    with pytest.raises(ValueError, match="to must be None or 'cpu'"):
+        Snapshot.capture(net, to="disk")
