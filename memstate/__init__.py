@@ -18,6 +18,9 @@ from memstate.fingerprint import (
     fingerprint_state,
 )
 from memstate.snapshot import Snapshot, SnapshotError
+from memstate import data, rng
+from memstate.data import OrderSampler
+from memstate.rng import ContractViolation, RngContract
 
 __all__ = [
     "__version__",
@@ -31,4 +34,9 @@ __all__ = [
     "fingerprint_state",
     "Snapshot",
     "SnapshotError",
+    "data",
+    "rng",
+    "OrderSampler",
+    "RngContract",
+    "ContractViolation",
 ]

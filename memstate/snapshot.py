@@ -102,14 +102,11 @@ def _capture_rng(tensors: List[Tuple[str, torch.Tensor]]) -> dict:
         "python": {"version": version, "state": list(pystate), "gauss_next": gauss_next},
         "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
     }
-    try:
-        from memstate import rng as _rng  # memstate RNG streams, when present
+    from memstate import rng as _rng
 
-        streams = _rng.active_state() if hasattr(_rng, "active_state") else None
-        if streams is not None:
-            meta["memstate"] = streams
-    except ImportError:
-        pass
+    streams = _rng.active_state()  # every live RngContract (consumption logs), by name
+    if streams:
+        meta["memstate"] = streams
     return meta
 
 
@@ -122,6 +119,10 @@ def _restore_rng(meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
                          n["cached_gaussian"]))
     p = meta["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if meta.get("memstate"):
+        from memstate import rng as _rng
+
+        _rng.load_active_state(meta["memstate"])
 
 
 # ----------------------------------------------------------------------------------- entries
@@ -447,6 +448,14 @@ class Snapshot:
                 + (f"missing {', '.join(missing[:10])}" if missing else "")
                 + ("; " if missing and extra_live else "")
                 + (f"not in the snapshot: {', '.join(extra_live[:10])}" if extra_live else ""))
+        saved_contracts = set(self._meta.get("rng", {}).get("memstate", {}))
+        if saved_contracts:
+            from memstate import rng as _rng
+
+            missing_contracts = sorted(saved_contracts - set(_rng.active_names()))
+            if missing_contracts:
+                raise SnapshotError(f"the snapshot holds the state of RngContract(s) {missing_contracts}; "
+                                    f"create them (same names) before restore()")
         opt = self._sources.get("optimizer")
         if opt is not None and "optimizer" in self._meta:
             n_live = sum(len(g["params"]) for g in opt.param_groups)

@@ -448,3 +448,28 @@ def test_bad_sources_are_named():
         Snapshot.capture(net, scheduler=object())
     with pytest.raises(ValueError, match="to must be None or 'cpu'"):
         Snapshot.capture(net, to="disk")
+
+
+def test_rng_contract_logs_are_part_of_the_snapshot():
+    from memstate import RngContract
+
+    contract = RngContract(7, name="snapshot-test")
+    net = torch.nn.Linear(2, 2)
+    contract.generator("augment", step=0)
+    snap = Snapshot.capture(net)
+    h = contract.log_hash()
+    contract.generator("augment", step=1)
+    assert contract.log_hash() != h
+    snap.restore()
+    assert contract.log_hash() == h
+    del contract  # a snapshot holding a contract's state needs that contract to exist
+    import gc
+
+    gc.collect()
+    before = memstate.fingerprint_state(net).digest
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    changed = memstate.fingerprint_state(net).digest
+    with pytest.raises(SnapshotError, match="snapshot-test"):
+        snap.restore()
+    assert memstate.fingerprint_state(net).digest == changed != before
