@@ -49,6 +49,18 @@ def interleaved(cases: Dict[str, Callable[[], object]], device: str, rounds: int
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def select_devices(choice: str) -> List[str]:
+    """Devices for --device cpu|cuda|all: 'all' drops cuda without a GPU, 'cuda' exits."""
+    import sys
+
+    devices = ["cpu", "cuda"] if choice == "all" else [choice]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if choice == "cuda":
+            sys.exit("no CUDA device")
+        devices.remove("cuda")
+    return devices
+
+
 def machine() -> str:
     parts = [platform.processor() or platform.machine(), f"{torch.get_num_threads()} threads"]
     try:

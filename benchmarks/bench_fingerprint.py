@@ -64,11 +64,7 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     args = ap.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        if args.device == "cuda":
-            sys.exit("no CUDA device")
-        devices.remove("cuda")
+    devices = _timing.select_devices(args.device)
     import memstate.reference  # noqa: F401
 
     rows = []

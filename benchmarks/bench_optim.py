@@ -117,11 +117,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    if "cuda" in devices and not torch.cuda.is_available():
-        if args.device == "cuda":
-            sys.exit("no CUDA device")
-        devices.remove("cuda")
+    devices = _timing.select_devices(args.device)
     rows = []
     for dev in devices:
         rows += bench(dev, args.quick, 3 if args.quick else args.rounds)

@@ -18,7 +18,8 @@ from memstate.fingerprint import (
     fingerprint_state,
 )
 from memstate.snapshot import Snapshot, SnapshotError
-from memstate import data, rng
+from memstate import data, perturb, rng
+from memstate.perturb import beta_for_halflife, halflife
 from memstate.data import OrderSampler
 from memstate.rng import ContractViolation, RngContract
 
@@ -36,6 +37,9 @@ __all__ = [
     "SnapshotError",
     "data",
     "rng",
+    "perturb",
+    "halflife",
+    "beta_for_halflife",
     "OrderSampler",
     "RngContract",
     "ContractViolation",
