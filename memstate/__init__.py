@@ -18,8 +18,9 @@ from memstate.fingerprint import (
     fingerprint_state,
 )
 from memstate.snapshot import Snapshot, SnapshotError
-from memstate import data, perturb, rng
+from memstate import data, perturb, rng, stats
 from memstate.perturb import beta_for_halflife, halflife
+from memstate.experiment import Experiment, ExperimentResult
 from memstate.data import OrderSampler
 from memstate.rng import ContractViolation, RngContract
 
@@ -38,6 +39,9 @@ __all__ = [
     "data",
     "rng",
     "perturb",
+    "stats",
+    "Experiment",
+    "ExperimentResult",
     "halflife",
     "beta_for_halflife",
     "OrderSampler",
