@@ -122,7 +122,8 @@ def experiment_from_card(card: dict, progress: bool = False):
     return Experiment(c["task"], c["perturbation"], t0=c["t0"], window=c["window"], horizon=c["horizon"],
                       seeds=c["seeds"], metrics=c["metrics"], aa_check=c["aa_check"],
                       perturbation_params=c["perturbation_params"], task_options=c["task_options"],
-                      device=c["device"], threads=c.get("threads", 1), progress=progress)
+                      device=c["device"], threads=c.get("threads", 1), estimand=c.get("estimand", "treatment"),
+                      progress=progress)
 
 
 def compare_seed(recorded: dict, fresh: dict) -> Optional[str]:

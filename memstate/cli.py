@@ -116,7 +116,8 @@ def cmd_demo(args) -> int:
 
 
 RUN_DEFAULTS = {"task": "digits", "perturbation": "reset_momentum", "seeds": 5, "t0": 30, "window": None,
-                "horizon": 120, "device": "cpu", "metrics": None, "perturbation_params": {}, "task_options": {}}
+                "horizon": 120, "device": "cpu", "metrics": None, "perturbation_params": {}, "task_options": {},
+                "estimand": "treatment"}
 QUICK = {"seeds": 3, "t0": 8, "horizon": 30}
 
 
@@ -133,7 +134,7 @@ def _run_config(args) -> dict:
         cfg.update(loaded)
     if args.quick:
         cfg.update(QUICK)
-    for key in ("task", "perturbation", "seeds", "t0", "window", "horizon", "device"):
+    for key in ("task", "perturbation", "seeds", "t0", "window", "horizon", "device", "estimand"):
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
@@ -152,7 +153,8 @@ def cmd_run(args) -> int:
     try:
         exp = Experiment(cfg["task"], cfg["perturbation"], t0=cfg["t0"], window=cfg["window"], horizon=cfg["horizon"],
                          seeds=cfg["seeds"], metrics=cfg["metrics"], perturbation_params=cfg["perturbation_params"],
-                         task_options=cfg["task_options"], device=cfg["device"], progress=not args.no_progress)
+                         task_options=cfg["task_options"], device=cfg["device"], estimand=cfg["estimand"],
+                         progress=not args.no_progress)
     except ConfigError as e:
         print(f"memstate run: {e}", file=sys.stderr)
         return 2
@@ -253,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a seed-paired branch-and-hold experiment (default: digits, momentum reset, 5 seeds)")
     r.add_argument("config", nargs="?", help="a TOML file with any of: " + ", ".join(RUN_DEFAULTS))
     r.add_argument("--task")
-    r.add_argument("--perturbation")
+    r.add_argument("--perturbation", help="a primitive, or A+B for a 2x2 factorial design")
+    r.add_argument("--estimand", choices=["treatment", "order"],
+                   help="order: ATE_order = E[M(rr) - M(wr)] (perturbation policy_switch, t0 0, window = horizon)")
     r.add_argument("--seeds", type=int)
     r.add_argument("--t0", type=int)
     r.add_argument("--window", type=int)

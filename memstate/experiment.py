@@ -74,21 +74,27 @@ class Experiment:
 
     Args:
         task: a task name (``memstate.tasks.names()``) or a Task object.
-        perturbation: a primitive name (``memstate.perturb.names()``).
+        perturbation: a primitive name (``memstate.perturb.names()``), or two names ("a+b" or
+            a pair) for a 2x2 factorial design: arms control, A, B and AB, reporting both main
+            effects and the interaction.
         t0: the branch step (0 <= t0 < horizon).
         window: hold-window length in steps; None for the primitive's default window rule.
         horizon: total steps; the window must end by then.
         seeds: a count (seeds 0..n-1) or a list of seeds; at least 2.
         metrics: probe metrics to report (default: all of the task's).
         aa_check: also run the A/A arm and require bitwise identity with the control.
-        perturbation_params: keyword parameters of the primitive.
+        perturbation_params: keyword parameters of the primitive (factorial: a dict per name).
+        estimand: "treatment" (ATE = E[M(treatment) - M(control)], the default) or "order":
+            the order estimand ATE_order = E[M(rr) - M(wr)], with ``policy_switch`` as the
+            treatment over the whole run (t0 = 0, window = horizon) of a task sampling with
+            random reshuffling.
         task_options: keyword options of the task (``memstate.tasks.get(name, **options)``).
     """
 
     def __init__(self, task, perturbation: str, *, t0: int, window: Optional[int] = None, horizon: int,
                  seeds=5, metrics: Optional[Sequence[str]] = None, aa_check: bool = True,
                  perturbation_params: Optional[dict] = None, task_options: Optional[dict] = None,
-                 device: str = "cpu", threads: int = 1, progress: bool = False):
+                 device: str = "cpu", threads: int = 1, estimand: str = "treatment", progress: bool = False):
         from memstate import tasks as _tasks
 
         self.task_options = dict(task_options or {})
@@ -97,10 +103,36 @@ class Experiment:
                 raise ConfigError(f"unknown task {task!r}; valid: {', '.join(_tasks.names())}")
             task = _tasks.get(task, **self.task_options)
         self.task = task
-        if perturbation not in _perturb.names():
-            raise ConfigError(f"unknown perturbation {perturbation!r}; valid: {', '.join(_perturb.names())}")
-        self.perturbation = perturbation
-        self.perturbation_params = dict(perturbation_params or {})
+        names = perturbation.split("+") if isinstance(perturbation, str) else list(perturbation)
+        for n in names:
+            if n not in _perturb.names():
+                raise ConfigError(f"unknown perturbation {n!r}; valid: {', '.join(_perturb.names())}")
+        if len(names) not in (1, 2) or len(set(names)) != len(names):
+            raise ConfigError(f"give one perturbation, or two distinct ones for a factorial design; got {names}")
+        self.primitives = names
+        self.perturbation = "+".join(names)
+        self.factorial = len(names) == 2
+        params = dict(perturbation_params or {})
+        if self.factorial:
+            bad = sorted(set(params) - set(names))
+            if bad:
+                raise ConfigError(f"factorial perturbation_params must be keyed by primitive name {names}; got {bad}")
+            self.params_by_name = {n: dict(params.get(n, {})) for n in names}
+        else:
+            self.params_by_name = {names[0]: params}
+        self.perturbation_params = params
+        if estimand not in ("treatment", "order"):
+            raise ConfigError(f"unknown estimand {estimand!r}; valid: treatment, order")
+        if estimand == "order" and (names != ["policy_switch"] or t0 != 0 or (window not in (None, horizon))):
+            raise ConfigError("the order estimand uses perturbation='policy_switch' with t0=0 and window=horizon")
+        if estimand == "order":
+            window = horizon
+        self.estimand = estimand
+        # arms: name -> the primitives applied at t0 (control applies none)
+        if self.factorial:
+            self.arms = {"control": [], "A": [names[0]], "B": [names[1]], "AB": names}
+        else:
+            self.arms = {"control": [], "treatment": names}
         self.metrics = tuple(metrics) if metrics else tuple(task.metrics)
         bad = [m for m in self.metrics if m not in task.metrics]
         if bad:
@@ -126,19 +158,17 @@ class Experiment:
         return {"task": self.task.name, "task_options": self.task_options, "perturbation": self.perturbation,
                 "perturbation_params": self.perturbation_params, "t0": self.t0, "window": self.window,
                 "horizon": self.horizon, "seeds": self.seeds, "metrics": list(self.metrics),
-                "aa_check": self.aa_check, "device": self.device, "threads": self.threads}
+                "aa_check": self.aa_check, "device": self.device, "threads": self.threads,
+                "estimand": self.estimand, "arms": self.arms}
 
     # ---------------------------------------------------------------------------- one arm
-    def _run_arm(self, arm: str, state, snap: Snapshot, window: int, keep_params: List[torch.Tensor] = None):
+    def _run_arm(self, arm: str, state, snap: Snapshot, window: int, names: List[str],
+                 keep_params: List[torch.Tensor] = None):
         task = self.task
         snap.restore()
         state.step = self.t0  # a plain attribute of the TrainState: not part of the snapshot
-        applied = None
+        applied = [_perturb.apply_checked(n, state, window=window, **self.params_by_name.get(n, {})) for n in names]
         checkpoints, cdigests = {}, {}
-        if arm != "control":
-            name = self.perturbation if arm == "treatment" else "null"
-            params = self.perturbation_params if arm == "treatment" else {}
-            applied = _perturb.apply_checked(name, state, window=window, **params)
         fp = _state_fp(task, state)
         checkpoints["t0"], cdigests["t0"] = fp.to_json(), fp.digest
         log_start = len(state.contract.log)
@@ -148,8 +178,8 @@ class Experiment:
         for step in range(self.t0, self.horizon):
             losses.append(float(task.train_step(state, step)))
             if step == self.t0 + window - 1:
-                if applied is not None:
-                    applied.finish(state)
+                for a in applied:
+                    a.finish(state)
                 rng_window = [list(map(_jsonable, e)) for e in state.contract.log[log_start:]]
                 fp = _state_fp(task, state)
                 checkpoints["window_end"], cdigests["window_end"] = fp.to_json(), fp.digest
@@ -163,7 +193,7 @@ class Experiment:
         if keep_params is not None:
             keep_params.extend(params_per_step)
         rec = ArmRecord(arm, losses, digests, checkpoints, cdigests, metrics, window_hash, _log_hash(rng_window),
-                        rng_window, applied.to_json() if applied is not None else None)
+                        rng_window, [a.to_json() for a in applied] or None)
         return rec, preds
 
     # ---------------------------------------------------------------------------- one seed
@@ -183,36 +213,45 @@ class Experiment:
         state = task.build(seed, device=self.device)
         for step in range(self.t0):
             task.train_step(state, step)
-        window = self.window or _perturb.get(self.perturbation).default_window(state, **self.perturbation_params)
+        window = self.window or max(_perturb.get(n).default_window(state, **self.params_by_name[n])
+                                    for n in self.primitives)
         window = min(int(window), self.horizon - self.t0)
         snap = Snapshot.capture(**task.snapshot_sources(state))
-        ctrl_params: List[torch.Tensor] = []
-        treat_params: List[torch.Tensor] = []
-        control, ctrl_preds = self._run_arm("control", state, snap, window, ctrl_params)
-        treatment, treat_preds = self._run_arm("treatment", state, snap, window, treat_params)
-        out = {"seed": seed, "window": window, "arms": {"control": control.to_json(), "treatment": treatment.to_json()},
+        records, params, preds = {}, {}, {}
+        for arm, names in self.arms.items():
+            params[arm] = []
+            records[arm], preds[arm] = self._run_arm(arm, state, snap, window, names, params[arm])
+        last = list(self.arms)[-1]  # the treatment, or AB in a factorial design
+        c_preds, t_preds = preds["control"], preds[last]
+        out = {"seed": seed, "window": window, "arms": {a: r.to_json() for a, r in records.items()},
                "divergence": {
-                   "param_l2": [float((a - b).norm()) for a, b in zip(ctrl_params, treat_params)],
-                   "prediction_disagreement": float((ctrl_preds != treat_preds).float().mean())
-                   if ctrl_preds.dtype in (torch.int64, torch.int32) else float((ctrl_preds - treat_preds).pow(2).mean()),
+                   "arm": last,
+                   "param_l2": [float((a - b).norm()) for a, b in zip(params["control"], params[last])],
+                   "prediction_disagreement": float((c_preds != t_preds).float().mean())
+                   if c_preds.dtype in (torch.int64, torch.int32) else float((c_preds - t_preds).pow(2).mean()),
                }}
         out["order_hashes"] = {str(e): state.sampler.order_hash(e)
                                for e in range(self.horizon // max(1, state.sampler.batches_per_epoch) + 1)}
-        # identical hold window: same batch ids unless the perturbation is a data-order one;
+        # identical hold window: same batch ids unless a data-order primitive is applied;
         # same random draws except the declared "perturb" stream
-        src = _perturb.get(self.perturbation).source
         from memstate.rng import ContractViolation, RngContract
 
         violations = []
-        if src not in ("S2", "S3") and control.window_hash != treatment.window_hash:
-            violations.append(f"hold-window batch ids differ ({control.window_hash} vs {treatment.window_hash})")
-        try:
-            RngContract.check(control.rng_window_log, treatment.rng_window_log, may_change=("perturb",))
-        except ContractViolation as e:
-            violations.append(str(e))
+        control = records["control"]
+        for arm, names in self.arms.items():
+            if arm == "control":
+                continue
+            rec = records[arm]
+            order_arm = any(_perturb.get(n).source in ("S2", "S3") for n in names)
+            if not order_arm and control.window_hash != rec.window_hash:
+                violations.append(f"{arm}: hold-window batch ids differ ({control.window_hash} vs {rec.window_hash})")
+            try:
+                RngContract.check(control.rng_window_log, rec.rng_window_log, may_change=("perturb",))
+            except ContractViolation as e:
+                violations.append(f"{arm}: {e}")
         out["contract_violations"] = violations
         if self.aa_check:
-            aa, _ = self._run_arm("aa", state, snap, window)
+            aa, _ = self._run_arm("aa", state, snap, window, ["null"])
             out["arms"]["aa"] = aa.to_json()
             out["aa"] = _aa_report(control, aa)
         snap.restore()
@@ -285,13 +324,35 @@ class ExperimentResult:
 
         self.config = config
         self.records = records
-        self.ate = {}
-        for m in config["metrics"]:
-            t = [r["arms"]["treatment"]["metrics"][m] for r in records]
-            c = [r["arms"]["control"]["metrics"][m] for r in records]
-            self.ate[m] = paired_ate(t, c)
-        pvals = [self.ate[m].p_signflip for m in config["metrics"]]
-        self.holm = dict(zip(config["metrics"], holm(pvals)))
+        metrics = config["metrics"]
+
+        def values(arm, m):
+            return [r["arms"][arm]["metrics"][m] for r in records]
+
+        # effect name -> metric -> PairedATE
+        self.effects: Dict[str, Dict[str, Any]] = {}
+        if config.get("estimand") == "order":  # ATE_order = E[M(rr) - M(wr)]: control is rr
+            self.effects["order (rr - wr)"] = {m: paired_ate(values("control", m), values("treatment", m)) for m in metrics}
+        elif "AB" in config.get("arms", {}):
+            a, b = config["arms"]["A"][0], config["arms"]["B"][0]
+            avg = lambda x, y: [(u + v) / 2 for u, v in zip(x, y)]
+            sub = lambda x, y: [u - v for u, v in zip(x, y)]
+            self.effects[f"main {a}"] = {m: paired_ate(avg(values("A", m), values("AB", m)),
+                                                       avg(values("control", m), values("B", m))) for m in metrics}
+            self.effects[f"main {b}"] = {m: paired_ate(avg(values("B", m), values("AB", m)),
+                                                       avg(values("control", m), values("A", m))) for m in metrics}
+            self.effects[f"interaction {a} x {b}"] = {
+                m: paired_ate(sub(values("AB", m), values("B", m)), sub(values("A", m), values("control", m)))
+                for m in metrics}
+        else:
+            self.effects["treatment"] = {m: paired_ate(values("treatment", m), values("control", m)) for m in metrics}
+        keys = [(e, m) for e, per in self.effects.items() for m in per]
+        adjusted = holm([self.effects[e][m].p_signflip for e, m in keys])
+        self.holm = {self._key(e, m): p for (e, m), p in zip(keys, adjusted)}
+        self.ate = {self._key(e, m): self.effects[e][m] for e, m in keys}
+
+    def _key(self, effect: str, metric: str) -> str:
+        return metric if len(self.effects) == 1 and effect in ("treatment",) else f"{effect}: {metric}"
 
     @property
     def aa_identical(self) -> Optional[bool]:
@@ -304,13 +365,15 @@ class ExperimentResult:
         return [f"seed {r['seed']}: {v}" for r in self.records for v in r["contract_violations"]]
 
     def table(self) -> str:
-        head = f"{'metric':10} {'ATE':>10} {'CI':>24} {'p_signflip':>10} {'p_holm':>8} {'p_t':>8} {'d_z':>6} {'n+':>4}"
+        w = max(10, max(len(k) for k in self.ate))
+        head = f"{'effect':{w}} {'ATE':>10} {'CI':>24} {'p_signflip':>10} {'p_holm':>8} {'p_t':>8} {'d_z':>6} {'n+':>4}"
         lines = [head, "-" * len(head)]
         for m, a in self.ate.items():
             ci = f"[{a.ci[0]:+.4f}, {a.ci[1]:+.4f}]"
-            lines.append(f"{m:10} {a.ate:>+10.4f} {ci:>24} {a.p_signflip:>10.4f} {self.holm[m]:>8.4f} "
+            lines.append(f"{m:{w}} {a.ate:>+10.4f} {ci:>24} {a.p_signflip:>10.4f} {self.holm[m]:>8.4f} "
                          f"{a.p_t:>8.4f} {a.dz:>6.2f} {a.n_positive:>2}/{a.n}")
-        lines.append(f"(treatment - control; {self.ate[next(iter(self.ate))].method} CI at "
+        sign = "rr - wr" if self.config.get("estimand") == "order" else "treatment - control"
+        lines.append(f"({sign}; {self.ate[next(iter(self.ate))].method} CI at "
                      f"{self.ate[next(iter(self.ate))].level:.0%}; p_signflip exact, floor "
                      f"{self.ate[next(iter(self.ate))].p_signflip_floor:.4f}; Holm across metrics)")
         return "\n".join(lines)

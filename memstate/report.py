@@ -14,16 +14,16 @@ from typing import List
 
 
 def write_results_csv(card: dict, path: str) -> None:
+    """One row per seed: every arm's probe metrics, divergence and the A/A result."""
     metrics = card["config"]["metrics"]
+    arms = [a for a in card["seeds"][0]["arms"] if a != "aa"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["seed", "window"] + [f"{arm}_{m}" for arm in ("control", "treatment") for m in metrics]
-                   + [f"diff_{m}" for m in metrics] + ["prediction_disagreement", "aa_identical"])
+        w.writerow(["seed", "window"] + [f"{arm}_{m}" for arm in arms for m in metrics]
+                   + ["prediction_disagreement", "aa_identical"])
         for r in card["seeds"]:
-            c, t = r["arms"]["control"]["metrics"], r["arms"]["treatment"]["metrics"]
-            w.writerow([r["seed"], r["window"]] + [c[m] for m in metrics] + [t[m] for m in metrics]
-                       + [t[m] - c[m] for m in metrics] + [r["divergence"]["prediction_disagreement"],
-                                                          r.get("aa", {}).get("identical")])
+            w.writerow([r["seed"], r["window"]] + [r["arms"][arm]["metrics"][m] for arm in arms for m in metrics]
+                       + [r["divergence"]["prediction_disagreement"], r.get("aa", {}).get("identical")])
 
 
 def _plots(card: dict, out_dir: str) -> List[str]:
@@ -53,7 +53,8 @@ def _plots(card: dict, out_dir: str) -> List[str]:
     plt.close(fig)
     # 2. per-step loss of every arm
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    colors = {"control": "tab:blue", "treatment": "tab:red", "aa": "tab:green"}
+    colors = {"control": "tab:blue", "treatment": "tab:red", "aa": "tab:green", "A": "tab:orange", "B": "tab:purple",
+              "AB": "tab:red"}
     for r in card["seeds"]:
         for arm, rec in r["arms"].items():
             steps = range(t0, t0 + len(rec["losses"]))
@@ -75,7 +76,7 @@ def _plots(card: dict, out_dir: str) -> List[str]:
         ax.plot(range(t0, t0 + len(l2)), l2, alpha=0.7, label=f"seed {r['seed']}")
     ax.set_xlabel("step")
     ax.set_ylabel("||theta_treat - theta_ctrl||_2")
-    ax.set_title("parameter divergence, treatment vs control")
+    ax.set_title(f"parameter divergence, {card['seeds'][0]['divergence'].get('arm', 'treatment')} vs control")
     ax.legend(fontsize=7)
     fig.tight_layout()
     files.append("divergence.png")
@@ -130,8 +131,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><b
 <p>t0 = {cfg['t0']}, window = {html.escape(str([s['window'] for s in card['seeds']][0]))}, horizon = {cfg['horizon']},
 seeds = {html.escape(str(cfg['seeds']))}; memstate {env['memstate']}, torch {env['torch']},
 devices {html.escape(', '.join(env['devices']))}. Card checksum {card.get('card_xxh3_128', '')}.</p>
-<h2>Average treatment effects (treatment &minus; control)</h2>
-<table><tr><th>metric</th><th>ATE</th><th>CI</th><th>p sign-flip</th><th>p Holm</th><th>p t</th><th>d_z</th><th>d&gt;0</th></tr>{rows}</table>
+<h2>Average treatment effects ({'rr &minus; wr' if cfg.get('estimand') == 'order' else 'treatment &minus; control'})</h2>
+<table><tr><th>effect</th><th>ATE</th><th>CI</th><th>p sign-flip</th><th>p Holm</th><th>p t</th><th>d_z</th><th>d&gt;0</th></tr>{rows}</table>
 <p>{html.escape(aa_line)}. Contract violations: {html.escape('; '.join(viol)) if viol else 'none'}.</p>
 {''.join(f'<p><img src="{f}" alt="{f}"></p>' for f in files)}
 <p>Per-seed numbers: <a href="results.csv">results.csv</a>; full audit trail: card.json

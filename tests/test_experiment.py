@@ -29,7 +29,7 @@ def test_aa_arm_is_bitwise_identical_and_hold_window_matches(momentum_run):
         assert c["rng_window_hash"] == aa["rng_window_hash"]
         assert r["contract_violations"] == []
         # the perturbation changed exactly the declared source, and it made a difference
-        changed = t["perturbation"]["changed"]
+        changed = t["perturbation"][0]["changed"]
         assert changed and all(n.endswith("momentum_buffer") for n in changed)
         assert c["checkpoint_digests"]["t0"] != t["checkpoint_digests"]["t0"]
         assert c["digests"][-1] != t["digests"][-1]
@@ -91,7 +91,7 @@ def test_order_primitive_changes_only_the_window(tmp_path):
         c, t = r["arms"]["control"], r["arms"]["treatment"]
         assert c["window_hash"] != t["window_hash"]  # different batch order by design
         assert c["checkpoint_digests"]["t0"] == t["checkpoint_digests"]["t0"]  # no state changed at t0
-        assert t["perturbation"]["changed"] == ["sampler.window"]
+        assert t["perturbation"][0]["changed"] == ["sampler.window"]
 
 
 def test_cli_run_resume_report_replay(tmp_path, capsys):
@@ -120,3 +120,35 @@ def test_cli_run_resume_report_replay(tmp_path, capsys):
 
 def test_cli_verify():
     assert main(["verify"]) == 0
+
+
+def test_factorial_design_reports_main_effects_and_interaction():
+    exp = Experiment("digits", "reset_momentum+reverse_window", window=4, **QUICK)
+    result = exp.run()
+    assert set(result.effects) == {"main reset_momentum", "main reverse_window",
+                                   "interaction reset_momentum x reverse_window"}
+    m = "loss"
+    v = {arm: [r["arms"][arm]["metrics"][m] for r in result.records] for arm in ("control", "A", "B", "AB")}
+    inter = [(ab - b) - (a - c) for c, a, b, ab in zip(v["control"], v["A"], v["B"], v["AB"])]
+    main_a = [((a - c) + (ab - b)) / 2 for c, a, b, ab in zip(v["control"], v["A"], v["B"], v["AB"])]
+    assert result.effects["interaction reset_momentum x reverse_window"][m].differences == pytest.approx(inter)
+    assert result.effects["main reset_momentum"][m].differences == pytest.approx(main_a)
+    assert result.aa_identical and not result.violations
+    for r in result.records:  # AB applied both: momentum changed at t0 and the window reordered
+        assert [p["primitive"] for p in r["arms"]["AB"]["perturbation"]] == ["reset_momentum", "reverse_window"]
+        assert r["arms"]["AB"]["window_hash"] == r["arms"]["B"]["window_hash"] != r["arms"]["control"]["window_hash"]
+    card = cardmod.make_card(result)
+    assert cardmod.replay(json.loads(json.dumps(card))) is None
+
+
+def test_order_estimand_is_rr_minus_wr():
+    exp = Experiment("digits", "policy_switch", t0=0, horizon=8, seeds=2, estimand="order", aa_check=False)
+    assert exp.window == 8
+    result = exp.run()
+    (effect,) = result.effects
+    assert effect == "order (rr - wr)"
+    a = result.effects[effect]["loss"]
+    want = [r["arms"]["control"]["metrics"]["loss"] - r["arms"]["treatment"]["metrics"]["loss"] for r in result.records]
+    assert a.differences == pytest.approx(want)
+    with pytest.raises(ConfigError, match="order estimand"):
+        Experiment("digits", "reset_momentum", t0=0, horizon=8, seeds=2, estimand="order")
