@@ -34,6 +34,8 @@ run $PY -m memstate info
 step "tests (all, CUDA tests included)"
 run $PY -m pytest -q -rs tests -p no:cacheprovider --junitxml="$OUT/tests.xml"
 grep -E "passed|failed|error" "$LOG" | tail -n 1 >"$OUT/tests.txt"
+step "memstate verify (A/A isolation; CPU == CUDA optimizer steps)"
+run $PY -m memstate verify
 step "bench_fingerprint"
 run $PY benchmarks/bench_fingerprint.py --json "$OUT/bench_fingerprint.json"
 step "bench_optim (CUDA only; the CPU figures come from the development machine)"
