@@ -27,7 +27,7 @@ import xxhash
 from memstate._version import __version__
 from memstate.fingerprint import Fingerprint
 from memstate.snapshot import (ALIGN, FORMAT, FORMAT_VERSION, SnapshotError, _collect, _dtype_from_name,
-                               _dtype_name, _Entry, _M64, _typed)
+                               _dtype_name, _Entry)
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 * 2**20

@@ -8,7 +8,7 @@ named tensor of a module, optimizer or dict to its fingerprint and digests the s
 from __future__ import annotations
 
 import struct
-from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
 

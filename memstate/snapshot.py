@@ -16,18 +16,14 @@ checksum but are not part of ``fingerprint()``.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from memstate import _ext
-from memstate._version import __version__
 from memstate.fingerprint import Fingerprint, StateFingerprint, named_state_tensors
 
 __all__ = ["Snapshot", "SnapshotError"]
