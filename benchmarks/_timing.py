@@ -76,6 +76,33 @@ def machine() -> str:
     return ", ".join(parts) + f", torch {torch.__version__}"
 
 
+def parse_args(doc: str, default_rounds: int, argv=None):
+    """The benchmarks' shared options: --device cpu|cuda|all, --quick, --rounds, --json."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    ap.add_argument("--rounds", type=int, default=default_rounds)
+    ap.add_argument("--json", help="write the rows to this file")
+    args = ap.parse_args(argv)
+    args.devices = select_devices(args.device)
+    if args.quick:
+        args.rounds = 3
+    return args
+
+
+def print_rows(rows: List[dict], header: str, fmt_row, json_path: str = None) -> None:
+    """Prints the machine, a header and one formatted line per row; writes the JSON file."""
+    print(f"machine: {machine()}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(fmt_row(r))
+    if json_path:
+        write_json(json_path, {"machine": machine(), "rows": rows})
+
+
 def write_json(path: str, payload: dict):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)

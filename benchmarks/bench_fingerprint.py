@@ -9,7 +9,6 @@ cases are run for every ISA the CPU kernels support. Targets (issue 2): ratio >=
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -59,30 +58,18 @@ def bench_device(device: str, sizes_mb, rounds: int):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    args = ap.parse_args(argv)
-    devices = _timing.select_devices(args.device)
+    args = _timing.parse_args(__doc__, default_rounds=9, argv=argv)
     import memstate.reference  # noqa: F401
 
     rows = []
-    for dev in devices:
-        if dev == "cpu":
-            sizes = [16] if args.quick else [16, 256]
-        else:
-            sizes = [16] if args.quick else [16, 256, 2048]
-        rows += bench_device(dev, sizes, rounds=3 if args.quick else 9)
-    print(f"machine: {_timing.machine()}")
-    hdr = f"{'device':6} {'isa':6} {'MB':>5}  {'case':26} {'GB/s':>8} {'read GB/s':>10} {'ratio':>6}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['device']:6} {r['isa']:6} {r['MB']:>5}  {r['case']:26} {r['GB/s']:>8.2f} "
-              f"{r['read GB/s']:>10.2f} {r['ratio']:>6.3f}")
-    if args.json:
-        _timing.write_json(args.json, {"machine": _timing.machine(), "rows": rows})
+    for dev in args.devices:
+        big = [256] if dev == "cpu" else [256, 2048]
+        rows += bench_device(dev, [16] if args.quick else [16] + big, rounds=args.rounds)
+    _timing.print_rows(
+        rows, f"{'device':6} {'isa':6} {'MB':>5}  {'case':26} {'GB/s':>8} {'read GB/s':>10} {'ratio':>6}",
+        lambda r: (f"{r['device']:6} {r['isa']:6} {r['MB']:>5}  {r['case']:26} {r['GB/s']:>8.2f} "
+                   f"{r['read GB/s']:>10.2f} {r['ratio']:>6.3f}"),
+        args.json)
 
 
 if __name__ == "__main__":

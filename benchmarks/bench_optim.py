@@ -12,7 +12,6 @@ fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -111,28 +110,19 @@ def bench(device: str, quick: bool, rounds: int):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    devices = _timing.select_devices(args.device)
+    args = _timing.parse_args(__doc__, default_rounds=7, argv=argv)
     rows = []
-    for dev in devices:
-        rows += bench(dev, args.quick, 3 if args.quick else args.rounds)
-    print(f"machine: {_timing.machine()}")
-    hdr = (f"{'dev':4} {'opt':5} {'params':>9} {'tensors':>7}  {'case':14} {'ms':>9} {'vs fused':>8} "
-           f"{'GB/s':>7} {'of copy':>7} {'fp cost':>7} {'hash GB/s':>9}")
-    print(hdr)
-    print("-" * len(hdr))
+    for dev in args.devices:
+        rows += bench(dev, args.quick, args.rounds)
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"
-    for r in rows:
-        print(f"{r['device']:4} {r['opt']:5} {r['params']:>9} {r['tensors']:>7}  {r['case']:14} {r['ms']:>9.3f} "
-              f"{fmt(r.get('vs_fused'), '>8.3f'):>8} {r['GB/s']:>7.2f} {fmt(r.get('of_copy'), '>7.3f'):>7} "
-              f"{fmt(r.get('fp_cost'), '>+7.1%'):>7} {fmt(r.get('hashed GB/s'), '>9.2f'):>9}")
-    if args.json:
-        _timing.write_json(args.json, {"machine": _timing.machine(), "rows": rows})
+    _timing.print_rows(
+        rows,
+        (f"{'dev':4} {'opt':5} {'params':>9} {'tensors':>7}  {'case':14} {'ms':>9} {'vs fused':>8} "
+         f"{'GB/s':>7} {'of copy':>7} {'fp cost':>7} {'hash GB/s':>9}"),
+        lambda r: (f"{r['device']:4} {r['opt']:5} {r['params']:>9} {r['tensors']:>7}  {r['case']:14} {r['ms']:>9.3f} "
+                   f"{fmt(r.get('vs_fused'), '>8.3f'):>8} {r['GB/s']:>7.2f} {fmt(r.get('of_copy'), '>7.3f'):>7} "
+                   f"{fmt(r.get('fp_cost'), '>+7.1%'):>7} {fmt(r.get('hashed GB/s'), '>9.2f'):>9}"),
+        args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ capture over clone. Targets (issue 4): GPU capture >= 0.85 of raw device copy ba
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import io
 import os
@@ -72,25 +71,15 @@ def bench(device: str, quick: bool, rounds: int):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    devices = _timing.select_devices(args.device)
+    args = _timing.parse_args(__doc__, default_rounds=5, argv=argv)
     rows = []
-    for dev in devices:
-        rows += bench(dev, args.quick, 3 if args.quick else args.rounds)
-    print(f"machine: {_timing.machine()}")
-    hdr = f"{'dev':4} {'MB':>4} {'tensors':>7}  {'case':11} {'ms':>9} {'GB/s':>7} {'of raw':>7} {'capture x faster':>16}"
-    print(hdr)
-    print("-" * len(hdr))
-    for r in rows:
-        print(f"{r['device']:4} {r['MB']:>4} {r['tensors']:>7}  {r['case']:11} {r['ms']:>9.3f} {r['GB/s']:>7.2f} "
-              f"{r['of_raw']:>7.3f} {r['capture_speedup']:>16.2f}")
-    if args.json:
-        _timing.write_json(args.json, {"machine": _timing.machine(), "rows": rows})
+    for dev in args.devices:
+        rows += bench(dev, args.quick, args.rounds)
+    _timing.print_rows(
+        rows, f"{'dev':4} {'MB':>4} {'tensors':>7}  {'case':11} {'ms':>9} {'GB/s':>7} {'of raw':>7} {'capture x faster':>16}",
+        lambda r: (f"{r['device']:4} {r['MB']:>4} {r['tensors']:>7}  {r['case']:11} {r['ms']:>9.3f} {r['GB/s']:>7.2f} "
+                   f"{r['of_raw']:>7.3f} {r['capture_speedup']:>16.2f}"),
+        args.json)
 
 
 if __name__ == "__main__":
