@@ -35,8 +35,11 @@ S1    optimizer state           ``reset_momentum`` (2h of the largest SGD ``mome
                                 largest beta of the scaled buffers), ``reset_ema`` (2h of
                                 ``ema_decay``)
 S2    data order                ``order_window_swap``, ``reverse_window``, ``policy_switch``
-                                (one epoch: ``sampler.batches_per_epoch``)
-S3    parameter path            ``commute_pair`` (always 2 steps)
+                                (the rest of t0's epoch: ``batches_per_epoch - t0 % batches_per_epoch``
+                                steps, a whole epoch when t0 starts one); order only: a window
+                                crossing an epoch boundary is refused, except by ``policy_switch``
+                                (see ``s2_order``)
+S3    parameter path            ``commute_pair`` (always 2 steps, inside one epoch)
 S4    auxiliary state           ``reset_bn_stats``, ``freeze_bn_stats`` (2h of the BatchNorm decay
                                 ``1 - momentum``: torch's BN ``momentum`` is the weight of the NEW
                                 batch statistic, so momentum 0.1 is decay 0.9 and gives 14;
@@ -72,7 +75,9 @@ them; the runner calls it at step ``start + length``):
   absent, filled in place otherwise) to True; the training loop must skip its teacher update
   while ``teacher_frozen(state)`` is True. ``finish`` sets it back to False.
 - The order primitives (S2, S3) write ``sampler.override_window(start, batches)`` for the
-  window steps only; nothing is left to undo.
+  window steps only; nothing is left to undo. They change the order of ids, never which ids an
+  epoch contains, unless ``Primitive.changes_epoch_ids(params)`` declares it (``policy_switch``
+  to or from ``wr``, by definition of that policy).
 
 Estimands (SEED.md, section 6.1). Every primitive declares the seed-paired estimand it measures,
 ``Primitive.estimand(params) -> Estimand``, with the sign convention of the seed::
@@ -96,7 +101,8 @@ treatment arm differs from the control only in the ``perturb`` stream); else (no
 """
 from __future__ import annotations
 
-from memstate.perturb._core import ApplyFn, CheckFn, DeclaredFn, EstimandFn, WindowFn  # noqa: F401 (rule types)
+from memstate.perturb._core import (ApplyFn, CheckFn, CoverageFn, DeclaredFn, EstimandFn,  # noqa: F401 (rule types)
+                                    WindowCheckFn, WindowFn)
 from memstate.perturb._core import (ESTIMAND_NAMES, REQUIRED, SOURCES, Applied, Estimand, PerturbationError, Primitive,
                                     SingleSourceViolation, TrainState, UnknownPrimitiveError, beta_for_halflife,
                                     halflife, teacher_frozen, windows_for_halflives)

@@ -270,7 +270,9 @@ class Applied:
     ``window`` is ``(start_step, length)``: the perturbation's effects cover steps
     ``start <= t < start + length``. ``changed`` (set by ``apply_checked``) lists the entries
     whose fingerprint changed; ``digest_before``/``digest_after`` the state digests;
-    ``estimand`` the primitive's declared estimand for these parameters and this state.
+    ``estimand`` the primitive's declared estimand for these parameters and this state;
+    ``changes_epoch_ids`` whether it declared that it may change which ids an epoch contains
+    (only ``policy_switch`` to or from ``wr`` does).
     ``finish(state)`` ends window-limited effects (idempotent; a no-op for most primitives).
     """
 
@@ -283,6 +285,7 @@ class Applied:
     digest_before: Optional[str] = None
     digest_after: Optional[str] = None
     estimand: Optional[Estimand] = None
+    changes_epoch_ids: bool = False
     finished: bool = False
     _finish: Optional[Callable[[TrainState], None]] = field(default=None, repr=False)
 
@@ -321,6 +324,7 @@ class Applied:
             "digest_before": self.digest_before,
             "digest_after": self.digest_after,
             "estimand": None if self.estimand is None else self.estimand.to_json(),
+            "changes_epoch_ids": self.changes_epoch_ids,
         }
 
 
@@ -330,6 +334,8 @@ WindowFn = Callable[[TrainState, Dict[str, Any]], int]
 ApplyFn = Callable[[TrainState, Dict[str, Any], int, int], Optional[Callable[[TrainState], None]]]
 DeclaredFn = Callable[[TrainState, Dict[str, Any]], Tuple[str, ...]]
 EstimandFn = Callable[[Dict[str, Any], Optional[TrainState]], Estimand]
+WindowCheckFn = Callable[[TrainState, Dict[str, Any], int, int], None]
+CoverageFn = Callable[[Dict[str, Any], Optional[TrainState]], bool]
 
 # keys an application adds to its parameters (Applied.params), accepted back by Primitive.estimand
 _RECORD_KEYS = frozenset({"rng", "from"})
@@ -349,7 +355,11 @@ class Primitive:
       window=None, **params) -> Applied``;
     - ``estimand(params, state=None) -> Estimand``: by default ``ESTIMAND_NAMES[source]`` with
       arms ``carry`` (``control`` for ``null``) and the primitive's name; ``estimand_fn(p, state)``
-      overrides it (``policy_switch`` labels the arms by policy).
+      overrides it (``policy_switch`` labels the arms by policy);
+    - ``changes_epoch_ids(params, state=None) -> bool``: whether an application may change which
+      ids an epoch of the sampler contains (False unless ``changes_epoch_ids_fn`` says so); a
+      primitive that declares False must keep every epoch's multiset of ids, and refuses
+      (``window_check_fn(state, p, start, length)``) a window where it could not.
 
     Build one from rule functions (``check_fn(state, p)``, ``window_fn(state, p) -> int``,
     ``apply_fn(state, p, start, length) -> finish callable or None``, ``declared_fn(state, p)``;
@@ -360,7 +370,8 @@ class Primitive:
     def __init__(self, name: str, source: str, touches: Sequence[str], *,
                  apply_fn: Optional[ApplyFn] = None, check_fn: Optional[CheckFn] = None,
                  window_fn: Optional[WindowFn] = None, declared_fn: Optional[DeclaredFn] = None,
-                 estimand_fn: Optional[EstimandFn] = None,
+                 estimand_fn: Optional[EstimandFn] = None, window_check_fn: Optional[WindowCheckFn] = None,
+                 changes_epoch_ids_fn: Optional[CoverageFn] = None,
                  params: Optional[Mapping[str, Any]] = None, description: str = "",
                  window_rule: str = ""):
         if not isinstance(name, str) or not name:
@@ -376,6 +387,7 @@ class Primitive:
         self.window_rule = window_rule
         self._check_fn, self._window_fn, self._apply_fn, self._declared_fn = check_fn, window_fn, apply_fn, declared_fn
         self._estimand_fn = estimand_fn
+        self._window_check_fn, self._changes_epoch_ids_fn = window_check_fn, changes_epoch_ids_fn
 
     def __repr__(self):
         return f"Primitive({self.name!r}, source={self.source!r}, touches={self.touches!r})"
@@ -400,6 +412,9 @@ class Primitive:
             return self.touches
         return tuple(self._declared_fn(state, p))
 
+    def _changes_epoch_ids(self, p: Dict[str, Any], state: Optional[TrainState]) -> bool:
+        return bool(self._changes_epoch_ids_fn(p, state)) if self._changes_epoch_ids_fn is not None else False
+
     def _estimand(self, p: Dict[str, Any], state: Optional[TrainState]) -> Estimand:
         if self._estimand_fn is not None:
             return self._estimand_fn(p, state)
@@ -412,14 +427,25 @@ class Primitive:
         or a recorded ``Applied.params``; missing ones take their defaults (a REQUIRED one is not
         needed here), unknown ones raise PerturbationError. ``state`` (optional) lets labels
         depend on it, e.g. ``policy_switch``'s control is ``state.sampler.policy``."""
+        return self._estimand(self._declaration_params(params, "estimand"), state)
+
+    def changes_epoch_ids(self, params: Optional[Mapping[str, Any]] = None,
+                          state: Optional[TrainState] = None) -> bool:
+        """Whether this primitive, with ``params``, declares that it may change which ids an
+        epoch of the sampler contains (``policy_switch`` to or from ``wr``: by definition of the
+        policies). False means every epoch keeps its multiset of ids. ``params`` and ``state`` as
+        for ``estimand``."""
+        return self._changes_epoch_ids(self._declaration_params(params, "changes_epoch_ids"), state)
+
+    def _declaration_params(self, params: Optional[Mapping[str, Any]], what: str) -> Dict[str, Any]:
         params = {} if params is None else params
         if not isinstance(params, Mapping):
-            raise PerturbationError(f"{self.name}: estimand params must be a mapping, got {type(params).__name__}")
+            raise PerturbationError(f"{self.name}: {what} params must be a mapping, got {type(params).__name__}")
         unknown = sorted(set(params) - set(self.params) - _RECORD_KEYS)
         if unknown:
             valid = ", ".join(sorted(self.params)) or "none"
             raise PerturbationError(f"{self.name}: unknown parameter(s) {', '.join(map(str, unknown))}; valid: {valid}")
-        return self._estimand({**self.params, **params}, state)
+        return {**self.params, **params}
 
 
     def resolve(self, params: Mapping[str, Any]) -> Dict[str, Any]:
@@ -466,10 +492,14 @@ class Primitive:
         with torch.no_grad():
             finish = self._apply(state, p, start, window)
         return Applied(self.name, self.source, (start, window), p, tuple(declared),
-                       estimand=self._estimand(p, state), _finish=finish)
+                       estimand=self._estimand(p, state), changes_epoch_ids=self._changes_epoch_ids(p, state),
+                       _finish=finish)
 
     def _check_window(self, state: TrainState, p: Dict[str, Any], start: int, length: int) -> None:
-        """Hook for window-dependent preconditions (e.g. commute_pair needs exactly 2)."""
+        """Window-dependent preconditions (``window_check_fn``; e.g. an order window must not
+        cross an epoch boundary); raises PerturbationError before anything is changed."""
+        if self._window_check_fn is not None:
+            self._window_check_fn(state, p, start, length)
 
     def to_json(self) -> Dict[str, Any]:
         return {

@@ -120,3 +120,41 @@ def _recut(ids: Sequence[int], sizes: Sequence[int]) -> List[List[int]]:
         out.append([int(i) for i in ids[pos:pos + sz]])
         pos += sz
     return out
+
+
+# ----------------------------------------------------------------------------------- epochs
+def _batches_per_epoch(state: TrainState, name: str) -> int:
+    s = _sampler(state, name)
+    bpe = getattr(s, "batches_per_epoch", None)
+    _need(isinstance(bpe, int) and not isinstance(bpe, bool) and bpe >= 1, name,
+          f"state.sampler has no usable batches_per_epoch ({bpe!r})")
+    return bpe
+
+
+def _epoch_segments(start: int, length: int, bpe: int) -> List[Tuple[int, int]]:
+    """The window's steps ``start .. start + length - 1`` cut at epoch boundaries, as
+    ``(offset in the window, number of steps)`` pairs, in order."""
+    out, t, end = [], start, start + length
+    while t < end:
+        stop = min(end, (t // bpe + 1) * bpe)
+        out.append((t - start, stop - t))
+        t = stop
+    return out
+
+
+def _check_within_epoch(state: TrainState, name: str, start: int, length: int) -> None:
+    """An order window that moves batches between its steps must lie inside one epoch (global
+    step s is batch s % bpe of epoch s // bpe): otherwise batches change epochs and so do the ids
+    those epochs contain. PerturbationError naming t0, the window and the boundaries if not."""
+    bpe = _batches_per_epoch(state, name)
+    first, last = start // bpe, (start + length - 1) // bpe
+    if first == last:
+        return
+    bounds = [e * bpe for e in range(first + 1, last + 1)]
+    shown = ", ".join(map(str, bounds[:5])) + (f", ... ({len(bounds)} in all)" if len(bounds) > 5 else "")
+    raise PerturbationError(
+        f"{name}: the window at t0={start} of {length} steps (steps {start}..{start + length - 1}) crosses the "
+        f"epoch boundar{'y' if len(bounds) == 1 else 'ies'} at step {shown} (batches_per_epoch={bpe}: epoch {first} "
+        f"is steps {first * bpe}..{(first + 1) * bpe - 1}, epoch {last} is steps {last * bpe}..{(last + 1) * bpe - 1}); "
+        f"moving batches across it would change which ids those epochs contain. Use a window of at most "
+        f"{(first + 1) * bpe - start} step(s) (to the end of epoch {first}: the default), or another t0")

@@ -1,4 +1,15 @@
-"""S2, data order: the window's batches permuted, reversed, or drawn under another policy."""
+"""S2, data order: the window's batches permuted, reversed, or drawn under another policy.
+
+Order only, never coverage: global step s is batch ``s % batches_per_epoch`` of epoch
+``s // batches_per_epoch``, and ``order_window_swap`` / ``reverse_window`` keep the ids of every
+epoch (as a multiset) by moving ids only inside one epoch: their default window is the rest of
+t0's epoch (``batches_per_epoch - t0 % batches_per_epoch`` steps, a whole epoch when t0 starts
+one) and an explicit window that crosses an epoch boundary is refused (PerturbationError naming
+t0, the window and the boundaries). ``policy_switch`` has the same default window; it changes
+which ids an epoch contains only where the policies themselves differ in that (a switch to or
+from ``wr``, declared by ``changes_epoch_ids``); a switch from ``so``/``fixed`` to ``rr``
+reshuffles each epoch's part of the window among itself, so any window keeps every epoch's ids.
+"""
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -6,17 +17,32 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from memstate.perturb._core import ESTIMAND_NAMES, Estimand, Primitive, TrainState
-from memstate.perturb._rules import (_check_perturb_stream, _generator, _need, _recut, _sampler,
-                                     _sampler_check_factory, _window_batches)
+from memstate.perturb._rules import (_batches_per_epoch, _check_perturb_stream, _check_within_epoch,
+                                     _epoch_segments, _generator, _need, _recut, _sampler, _sampler_check_factory,
+                                     _window_batches)
+
+
+REST_OF_EPOCH = "the rest of t0's epoch: batches_per_epoch - t0 % batches_per_epoch (a whole epoch from its start)"
 
 
 def _epoch_window(name):
     def window(state, p):
-        s = _sampler(state, name)
-        bpe = getattr(s, "batches_per_epoch", None)
-        _need(isinstance(bpe, int) and bpe >= 1, name, f"state.sampler has no usable batches_per_epoch ({bpe!r})")
-        return bpe
+        bpe = _batches_per_epoch(state, name)
+        return bpe - int(state.step) % bpe
     return window
+
+
+def _swap_window_check(state, p, start, length):
+    _check_within_epoch(state, "order_window_swap", start, length)
+
+
+def _reverse_window_check(state, p, start, length):
+    _check_within_epoch(state, "reverse_window", start, length)
+    bpe = _batches_per_epoch(state, "reverse_window")
+    _need(length >= 2, "reverse_window",
+          f"a 1-step window at t0={start} reverses nothing (step {start} is the last of epoch {start // bpe}, "
+          f"steps {start // bpe * bpe}..{start // bpe * bpe + bpe - 1}); choose a t0 at least 2 steps before an "
+          f"epoch boundary")
 
 
 def _swap_apply(state, p, start, length):
@@ -64,6 +90,13 @@ def _policy_estimand(p: Dict[str, Any], state: Optional[TrainState]) -> Estimand
     return Estimand(ESTIMAND_NAMES["S2"], str(cur), to)
 
 
+def _policy_changes_epoch_ids(p: Dict[str, Any], state: Optional[TrainState]) -> bool:
+    """A switch to or from wr changes which ids an epoch contains (wr draws with replacement);
+    between the permutation policies (so/fixed -> rr) every epoch keeps its ids."""
+    e = _policy_estimand(p, state)
+    return "wr" in (e.control, e.treatment) or e.control == "carry"  # unknown source: assume it may
+
+
 def _policy_check(state, p):
     _policy_target(state, p)
     _check_perturb_stream(state, p, "policy_switch")
@@ -72,39 +105,52 @@ def _policy_check(state, p):
 
 
 def _policy_apply(state, p, start, length):
+    """Batch sizes kept. To wr: independent uniform draws. To rr, each epoch's part of the window
+    separately: from wr, fresh permutations of the dataset (drawn without replacement within the
+    epoch's part); from so/fixed, the part's own ids reshuffled, so the epoch keeps its ids (the
+    distribution of rr's order for the rest of an epoch given its start)."""
     s = state.sampler
-    _, to = _policy_target(state, p)
-    p["from"], p["to"] = s.policy, to
-    sizes = [len(b) for b in _window_batches(s, start, length)]
+    cur, to = _policy_target(state, p)
+    p["from"], p["to"] = cur, to
+    batches = _window_batches(s, start, length)
+    sizes = [len(b) for b in batches]
     g = _generator(state, "policy_switch", start, p)
-    total, n = sum(sizes), int(s.n)
-    if to == "wr":  # independent uniform draws with replacement
-        ids = torch.randint(0, n, (total,), generator=g).tolist()
-    else:  # random reshuffling: fresh permutations of the dataset, as many as the window needs
+    n = int(s.n)
+    if to == "wr":
+        ids = torch.randint(0, n, (sum(sizes),), generator=g).tolist()
+    else:
         ids = []
-        while len(ids) < total:
-            ids += torch.randperm(n, generator=g).tolist()
-        ids = ids[:total]
+        for off, count in _epoch_segments(start, length, _batches_per_epoch(state, "policy_switch")):
+            if cur == "wr":
+                total, drawn = sum(sizes[off:off + count]), []
+                while len(drawn) < total:
+                    drawn += torch.randperm(n, generator=g).tolist()
+                ids += drawn[:total]
+            else:
+                own = [i for b in batches[off:off + count] for i in b]
+                ids += [own[j] for j in torch.randperm(len(own), generator=g).tolist()]
     s.override_window(start, _recut(ids, sizes))
 
 
 PRIMITIVES: Tuple[Primitive, ...] = (
     Primitive("order_window_swap", "S2", ("sampler.window",),
               check_fn=_sampler_check_factory("order_window_swap"), window_fn=_epoch_window("order_window_swap"),
-              apply_fn=_swap_apply, params={"seed": None},
+              window_check_fn=_swap_window_check, apply_fn=_swap_apply, params={"seed": None},
               description="the same multiset of batch ids in the window under a fresh permutation, "
-                          "re-cut into batches of the same sizes",
-              window_rule="one epoch (sampler.batches_per_epoch)"),
+                          "re-cut into batches of the same sizes; the window must lie inside one epoch",
+              window_rule=REST_OF_EPOCH),
     Primitive("reverse_window", "S2", ("sampler.window",),
               check_fn=_sampler_check_factory("reverse_window"), window_fn=_epoch_window("reverse_window"),
-              apply_fn=_reverse_apply,
-              description="the window's batches in reverse order",
-              window_rule="one epoch (sampler.batches_per_epoch)"),
+              window_check_fn=_reverse_window_check, apply_fn=_reverse_apply,
+              description="the window's batches in reverse order; the window must lie inside one epoch "
+                          "and span at least 2 steps",
+              window_rule=REST_OF_EPOCH),
     Primitive("policy_switch", "S2", ("sampler.window",),
               check_fn=_policy_check, window_fn=_epoch_window("policy_switch"), apply_fn=_policy_apply,
-              estimand_fn=_policy_estimand,
+              estimand_fn=_policy_estimand, changes_epoch_ids_fn=_policy_changes_epoch_ids,
               params={"to": None, "seed": None},
-              description="rr (or so/fixed) -> with-replacement uniform draws "
-                          "(wr -> fresh permutations of the dataset) for the window, batch sizes kept",
-              window_rule="one epoch (sampler.batches_per_epoch)"),
+              description="rr (or so/fixed) -> with-replacement uniform draws for the window; to rr, per "
+                          "epoch: wr -> fresh permutations of the dataset, so/fixed -> the epoch's ids in "
+                          "the window reshuffled (kept); batch sizes kept",
+              window_rule=REST_OF_EPOCH),
 )
