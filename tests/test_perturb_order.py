@@ -71,6 +71,23 @@ def test_digits_t0_30_default_window_ends_at_the_epoch_boundary_and_keeps_epoch_
     assert control.sampler.overrides == {}  # refused before anything changed
 
 
+def test_check_window_refuses_before_training_to_t0():
+    state = tasks.get("digits").build(0)  # step 0: nothing trained yet
+    prim = P.get("order_window_swap")
+    assert prim.check_window(state, start=30) == 14
+    assert prim.check_window(state, 14, start=30) == 14
+    assert prim.check_window(state) == 22  # at step 0: the whole first epoch
+    with pytest.raises(PerturbationError, match=r"t0=30 of 22 steps .* boundary at step 44"):
+        prim.check_window(state, 22, start=30)
+    with pytest.raises(PerturbationError, match=r"order_window_swap: start must be an int step, got '30'"):
+        prim.check_window(state, start="30")
+    with pytest.raises(PerturbationError, match=r"state.step must be >= 0, got -1"):
+        prim.check_window(state, start=-1)
+    with pytest.raises(PerturbationError, match=r"window must be a positive int number of steps, got 0"):
+        prim.check_window(state, 0, start=30)
+    assert state.step == 0 and state.sampler.overrides == {}  # nothing changed
+
+
 # ----------------------------------------------------------------------------------- fixed cases
 @pytest.mark.parametrize("name", ["order_window_swap", "reverse_window"])
 @pytest.mark.parametrize("n, bs, drop_last, t0, window", [
@@ -190,11 +207,17 @@ def test_property_refused_or_every_epoch_keeps_its_ids(n, bs, drop_last, policy,
     if name == "commute_pair" and window is not None and window > 3:
         window = None  # its window is always 2: try mostly that, sometimes 1..3
     prim = P.get(name)
+    try:  # check_window gives apply's verdict without applying
+        checked = prim.check_window(control, window, **params)
+    except PerturbationError as e:
+        checked = str(e)
+    assert control.sampler.overrides == {}
     try:
         a = P.apply_checked(name, treat, window=window, **params)
     except PerturbationError as e:
         assert treat.sampler.overrides == {}  # nothing changed
         msg = str(e)
+        assert checked == msg
         event(f"{name}: refused")
         start, length = t0, window if window is not None else prim.default_window(control, **params)
         if "reverses nothing" in msg:
@@ -207,6 +230,7 @@ def test_property_refused_or_every_epoch_keeps_its_ids(n, bs, drop_last, policy,
         return
     event(f"{name}: applied, {'declares a coverage change' if a.changes_epoch_ids else 'keeps epoch ids'}")
     start, length = a.window
+    assert checked == length
     if window is None and name != "commute_pair":
         assert start + length == (start // bpe + 1) * bpe
     assert a.changes_epoch_ids == prim.changes_epoch_ids(params, control)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -351,8 +351,9 @@ class Primitive:
       without ``reset_step`` does not declare ``step``); the single-source check uses that;
     - ``params``: name -> default (``REQUIRED`` for none); unknown names are an error listing
       the valid ones;
-    - ``default_window(state, **params)``, ``check(state, **params)``, ``apply(state, *,
-      window=None, **params) -> Applied``;
+    - ``default_window(state, **params)``, ``check(state, **params)``, ``check_window(state,
+      window=None, *, start=None, **params) -> int`` (every check of ``apply``, nothing changed),
+      ``apply(state, *, window=None, **params) -> Applied``;
     - ``estimand(params, state=None) -> Estimand``: by default ``ESTIMAND_NAMES[source]`` with
       arms ``carry`` (``control`` for ``null``) and the primitive's name; ``estimand_fn(p, state)``
       overrides it (``policy_switch`` labels the arms by policy);
@@ -477,6 +478,30 @@ class Primitive:
 
     def apply(self, state: TrainState, *, window: Optional[int] = None, **params) -> Applied:
         """Checks, then applies the perturbation at ``state.step`` for ``window`` steps."""
+        p, start, window = self._prepare(state, window, params)
+        declared = self._declared(state, p)
+        with torch.no_grad():
+            finish = self._apply(state, p, start, window)
+        return Applied(self.name, self.source, (start, window), p, tuple(declared),
+                       estimand=self._estimand(p, state), changes_epoch_ids=self._changes_epoch_ids(p, state),
+                       _finish=finish)
+
+    def check_window(self, state: TrainState, window: Optional[int] = None, *, start: Optional[int] = None,
+                     **params) -> int:
+        """Every check ``apply`` makes, for an application at step ``start`` (default
+        ``state.step``) with ``window`` (None: the default window there), without changing
+        anything; returns the window length in steps. Lets a runner refuse a configuration
+        before training up to t0: the order primitives need only the sampler, which is
+        addressable by step (e.g. ``get("order_window_swap").check_window(fresh_state, 22,
+        start=30)`` raises, naming the epoch boundary at 44 at the digits defaults)."""
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+                raise PerturbationError(f"{self.name}: start must be an int step, got {start!r}")
+            state = replace(state, step=int(start))  # a shallow view: the same model, sampler, ...
+        return self._prepare(state, window, params)[2]
+
+    def _prepare(self, state: TrainState, window: Optional[int], params: Mapping[str, Any]):
+        """(resolved params, start, window) after every precondition; nothing is changed."""
         self.check(state, **params)
         p = self.resolve(params)
         if window is None:
@@ -488,12 +513,7 @@ class Primitive:
         if start < 0:
             raise PerturbationError(f"{self.name}: state.step must be >= 0, got {start}")
         self._check_window(state, p, start, window)
-        declared = self._declared(state, p)
-        with torch.no_grad():
-            finish = self._apply(state, p, start, window)
-        return Applied(self.name, self.source, (start, window), p, tuple(declared),
-                       estimand=self._estimand(p, state), changes_epoch_ids=self._changes_epoch_ids(p, state),
-                       _finish=finish)
+        return p, start, window
 
     def _check_window(self, state: TrainState, p: Dict[str, Any], start: int, length: int) -> None:
         """Window-dependent preconditions (``window_check_fn``; e.g. an order window must not
