@@ -194,8 +194,8 @@ ORDER = ["order_window_swap", "reverse_window", "commute_pair", "policy_switch"]
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 50), bs=st.integers(1, 12), drop_last=st.booleans(),
        policy=st.sampled_from(["rr", "wr", "so", "fixed"]), name=st.sampled_from(ORDER),
-       to=st.sampled_from([None, "rr", "wr"]), t0_epochs=st.floats(0, 3), window=st.one_of(st.none(), st.integers(1, 30)),
-       seed=st.integers(0, 3))
+       to=st.sampled_from([None, "rr", "wr"]), t0_epochs=st.floats(0, 3),
+       window=st.one_of(st.none(), st.integers(1, 30)), seed=st.integers(0, 3))
 def test_property_refused_or_every_epoch_keeps_its_ids(n, bs, drop_last, policy, name, to, t0_epochs, window, seed):
     assume(not (drop_last and n < bs))
     control = _state(n, bs, 0, policy=policy, drop_last=drop_last, seed=seed)

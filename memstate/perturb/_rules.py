@@ -154,7 +154,8 @@ def _check_within_epoch(state: TrainState, name: str, start: int, length: int) -
     shown = ", ".join(map(str, bounds[:5])) + (f", ... ({len(bounds)} in all)" if len(bounds) > 5 else "")
     raise PerturbationError(
         f"{name}: the window at t0={start} of {length} steps (steps {start}..{start + length - 1}) crosses the "
-        f"epoch boundar{'y' if len(bounds) == 1 else 'ies'} at step {shown} (batches_per_epoch={bpe}: epoch {first} "
-        f"is steps {first * bpe}..{(first + 1) * bpe - 1}, epoch {last} is steps {last * bpe}..{(last + 1) * bpe - 1}); "
+        f"epoch boundar{'y' if len(bounds) == 1 else 'ies'} at step {shown} (batches_per_epoch={bpe}: "
+        f"epoch {first} is steps {first * bpe}..{(first + 1) * bpe - 1}, "
+        f"epoch {last} is steps {last * bpe}..{(last + 1) * bpe - 1}); "
         f"moving batches across it would change which ids those epochs contain. Use a window of at most "
         f"{(first + 1) * bpe - start} step(s) (to the end of epoch {first}: the default), or another t0")
