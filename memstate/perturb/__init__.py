@@ -23,6 +23,9 @@ being declared (DESIGN.md, contract 4). The registry::
     memstate.perturb.names()               # ('null', 'reset_momentum', ...)
     memstate.perturb.get("reset_momentum") # a Primitive
     memstate.perturb.apply_checked("reset_momentum", state)          # -> Applied
+    memstate.perturb.get("order_window_swap").check_window(state, 22, start=30)  # refuse early
+    memstate.perturb.get("reset_momentum").estimand({}).text
+    # 'ATE_opt = E[M(carry) - M(reset_momentum)]'
 
 Sources, primitives and default windows (``window=None``); ``h(beta)`` is the half-life
 ``log 0.5 / log beta`` and ``2h`` is rounded up to whole steps (beta = 0.9 gives 14):
