@@ -136,12 +136,12 @@ def _check_rng(meta: Any, tensors: Mapping[str, torch.Tensor]) -> dict:
     try:
         out["numpy"] = (n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
         np.random.RandomState().set_state(out["numpy"])
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError) as e:
         raise SnapshotError(f"rng.numpy: not a numpy RandomState state ({type(e).__name__}: {e})") from None
     try:
         out["python"] = (p["version"], tuple(p["state"]), p["gauss_next"])
         random.Random().setstate(out["python"])
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError) as e:
         raise SnapshotError(f"rng.python: not a Python random state ({type(e).__name__}: {e})") from None
     out["memstate"] = None
     if meta.get("memstate"):
