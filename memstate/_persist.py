@@ -17,9 +17,10 @@ previous manifest named. A failed save removes what it wrote; a killed one leave
 the lock file, and the next save removes it. No other file is ever removed. A crash at any point
 leaves either the old or the new snapshot complete.
 
-Loading validates the manifest's structure and checksum, the data file's size and hash, every
-tensor's dtype, shape, offset and fingerprint, before anything is bound or restored; the data
-file is read straight into the arena (peak memory: the data size once).
+Loading holds a shared lock on ``.memstate.lock`` (when it exists) while it reads; it validates
+the manifest's structure and checksum, the data file's size and hash, every tensor's dtype,
+shape, offset and fingerprint, before anything is bound or restored; the data file is read
+straight into the arena (peak memory: the data size once).
 """
 from __future__ import annotations
 
@@ -112,6 +113,20 @@ class _Lock:
 
     def release(self) -> None:
         os.close(self.fd)  # closing the descriptor releases the flock
+
+
+def _shared_lock(path: str) -> Optional[int]:
+    """A shared flock on the lock file, if there is one (readers of read-only copies have none)."""
+    try:
+        fd = os.open(os.path.join(path, LOCK), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _current_data_file(path: str) -> Optional[str]:
@@ -219,6 +234,7 @@ def _save_locked(snap, path: str, lock: _Lock) -> None:
         if not committed:
             for p in (tmp_data, data_path, tmp_manifest):
                 _remove(p)
+            lock.set_journal("")
     # 4. the previous snapshot's data file, now named by no manifest
     if previous is not None and previous != data_name:
         _remove(os.path.join(path, previous))
@@ -318,10 +334,11 @@ def _read_data(path: str, manifest: dict) -> torch.Tensor:
     except OSError as e:
         what = "is missing" if e.errno == errno.ENOENT else f"cannot be opened ({e.strerror}; symlinks are refused)"
         raise SnapshotError(f"{path}: data file {data_name} {what}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SnapshotError(f"{dpath}: not a regular file")
     with os.fdopen(fd, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"{dpath}: not a regular file")
         if st.st_size != size:
             raise SnapshotError(f"{dpath}: {st.st_size} bytes, the manifest says {size} (truncated or extended)")
         arena = torch.empty(size, dtype=torch.uint8)
@@ -342,8 +359,13 @@ def _read_data(path: str, manifest: dict) -> torch.Tensor:
 def load(cls, path: str, sources: Dict[str, Any], rng: bool, hyperparameters: str = "check"):
     if hyperparameters not in _HYPER_POLICIES:
         raise ValueError(f"hyperparameters must be one of {', '.join(_HYPER_POLICIES)}, got {hyperparameters!r}")
-    manifest = _read_manifest(path)
-    arena = _read_data(path, manifest)
+    lock = _shared_lock(path)  # a save in progress finishes first (it may remove the old data file)
+    try:
+        manifest = _read_manifest(path)
+        arena = _read_data(path, manifest)
+    finally:
+        if lock is not None:
+            os.close(lock)
     entries, want = _entries(manifest, arena.numel(), path)
     fps = fingerprint_many([arena[e.offset:e.offset + e.nbytes] for e in entries], [e.name for e in entries])
     bad = [e.name for e, fp, w in zip(entries, fps, want) if fp != w]
