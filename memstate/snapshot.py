@@ -81,7 +81,10 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
         if "__ndarray__" in obj:
             a = obj["__ndarray__"]
-            return np.array(a["data"], dtype=np.dtype(a["dtype"])).reshape(a["shape"])
+            dtype = np.dtype(a["dtype"])
+            if dtype.kind not in "biufc" or dtype.itemsize > 16:  # numbers only: bounded, no objects
+                raise SnapshotError(f"unsupported ndarray dtype {a['dtype']!r} in snapshot")
+            return np.array(a["data"], dtype=dtype).reshape(a["shape"])
         raise SnapshotError(f"unknown JSON node {sorted(obj)}")
     return obj
 
@@ -638,6 +641,8 @@ class Snapshot:
                 if len(parts) != 4 or parts[1] != "state" or binding is None:
                     raise SnapshotError(f"{e.name}: not an optimizer state tensor of this optimizer")
                 index = _param_index(parts[2], len(binding))
+                if not parts[3].isidentifier():
+                    raise SnapshotError(f"{e.name}: {parts[3]!r} is not an optimizer state key")
                 t = opt.state.get(binding[index], {}).get(parts[3])
                 if not (isinstance(t, torch.Tensor) and tuple(t.shape) == e.shape and t.dtype == e.dtype
                         and t.device == e.device):
