@@ -10,7 +10,7 @@ Layout of ``<path>/``:
   file of a save in progress (its journal).
 
 Saving, under an exclusive lock on ``.memstate.lock``: checks the free space, records the new
-data file's name in the lock file (fsync), writes the data file under a temporary name (fsync)
+and the previous data file's names in the lock file (fsync), writes the data file under a temporary name (fsync)
 and renames it, writes the manifest under a temporary name (fsync) and renames it over
 ``manifest.json`` (atomic), fsyncs the directory, and only then removes the data file the
 previous manifest named. A failed save removes what it wrote; a killed one leaves it recorded in
@@ -81,7 +81,7 @@ def _remove(path: str) -> None:
 # ----------------------------------------------------------------------------------- lock
 class _Lock:
     """Exclusive ``flock`` on ``<dir>/.memstate.lock``; the file's content is the journal: the
-    data file name of the save in progress (empty when none)."""
+    new and the previous data file names of the save in progress (empty when none)."""
 
     def __init__(self, path: str, timeout: Optional[float]):
         self.file = os.path.join(path, LOCK)
@@ -184,14 +184,15 @@ def save(snap, path: str, timeout: Optional[float] = None) -> None:
 
 
 def _save_locked(snap, path: str, lock: _Lock) -> None:
-    # 1. leftovers of a save that was killed: exactly what its journal names, unless current
+    # 1. leftovers of a save that was killed: its journal names its new data file and the one
+    #    it was replacing; whichever the current manifest does not name is garbage
     previous = _current_data_file(path)
-    pending = lock.journal()
-    if _DATA_NAME.fullmatch(pending):
-        if pending != previous:
-            _remove(os.path.join(path, pending))
-        for tmp in _temporaries(path, pending):
-            _remove(tmp)
+    for name in lock.journal().split():
+        if _DATA_NAME.fullmatch(name):
+            if name != previous:
+                _remove(os.path.join(path, name))
+            for tmp in _temporaries(path, name):
+                _remove(tmp)
     # 2. free space: the new data file and manifest, while the old ones still exist
     entries, data_nbytes = _layout(snap)
     manifest_estimate = 2 * len(_canonical({"tensors": entries, "meta": snap._meta})) + 4096
@@ -205,7 +206,7 @@ def _save_locked(snap, path: str, lock: _Lock) -> None:
     data_name = f"data-{uuid.uuid4().hex[:16]}.bin"
     tmp_data, tmp_manifest = _temporaries(path, data_name)
     data_path = os.path.join(path, data_name)
-    lock.set_journal(data_name)
+    lock.set_journal(f"{data_name} {previous or ''}")
     committed = False
     try:
         h = xxhash.xxh3_128()
