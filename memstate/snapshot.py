@@ -453,7 +453,7 @@ class Snapshot:
         self._entries: List[_Entry] = []
         self._arenas: Dict[str, torch.Tensor] = {}
         self._meta: dict = {}
-        self._pending: Optional[Tuple[Any, List[torch.Tensor], List[int]]] = None
+        self._pending: Optional[List[Any]] = None  # CUDA events of to="cpu" copies in flight
         self._slots: List[torch.Tensor] = []
         self._last_srcs: List[torch.Tensor] = []
         self._fp_parts: List[Tuple[List[int], torch.Tensor]] = []
@@ -529,19 +529,42 @@ class Snapshot:
         parts = [([local[j] for j in idxs], rows)
                  for idxs, rows in _copy([srcs[i] for i in local], [self._slots[i] for i in local], True)]
         if spilled:  # to="cpu": fingerprint on the device, copy to pinned memory on a side stream
-            rows = _ext.ops().fingerprint([srcs[i] for i in spilled])
-            parts.append((spilled, rows))
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for i in spilled:
-                    self._slots[i].copy_(_bytes_view(srcs[i]), non_blocking=True)
-                    srcs[i].record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._pending = (event, [srcs[i] for i in spilled], spilled)
+            parts += self._spill([srcs[i] for i in spilled], [self._slots[i] for i in spilled], spilled)
         self._fp_parts, self._fp_rows = parts, None
         self._meta = meta
+
+    def _spill(self, srcs: List[torch.Tensor], dsts: List[torch.Tensor], idxs: List[int]):
+        """Device-to-host copies of `srcs` into pinned `dsts`, asynchronous, stream-ordered.
+
+        Per device: the fingerprints run on that device's current stream; a side stream created
+        *on that device* first waits for the current stream (so every write issued before the
+        capture has landed), copies, and then the current stream waits for the side stream, so
+        nothing issued on it after capture() (an optimizer step, say) can modify a tensor before
+        it is copied. The host does not block; ``_wait()`` (restore, save, tensor, recapture)
+        synchronises on the per-device events. Work the caller issues on *other* streams must
+        be ordered after the current stream by the caller, as for any PyTorch op."""
+        by_device: Dict[torch.device, List[int]] = {}
+        for j, t in enumerate(srcs):
+            by_device.setdefault(t.device, []).append(j)
+        parts, events = [], []
+        ops = _ext.ops()
+        for device, js in by_device.items():
+            with torch.cuda.device(device):
+                current = torch.cuda.current_stream(device)
+                rows = ops.fingerprint([srcs[j] for j in js])
+                parts.append(([idxs[j] for j in js], rows))
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for j in js:
+                        dsts[j].copy_(_bytes_view(srcs[j]), non_blocking=True)
+                        srcs[j].record_stream(side)  # kept alive (temporaries too) until the copy ran
+                event = torch.cuda.Event()
+                event.record(side)
+                current.wait_stream(side)
+                events.append(event)
+        self._pending = events
+        return parts
 
     def _fingerprint_rows(self) -> torch.Tensor:
         """int64 [N, 2] msfp1 lanes of the captured tensors, in entry order (one host sync the
@@ -555,9 +578,10 @@ class Snapshot:
         return [Fingerprint._from_lanes(a & _M64, b & _M64) for a, b in self._fingerprint_rows().tolist()]
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending[0].synchronize()
-            self._pending = None
+        """Blocks until the asynchronous device-to-host copies of to="cpu" have completed."""
+        for event in self._pending or ():
+            event.synchronize()
+        self._pending = None
 
     def _slot(self, e: _Entry) -> torch.Tensor:
         arena = self._arenas[str(self._arena_device_of_entry(e))]

@@ -270,3 +270,43 @@ def test_optimizer_over_parameters_outside_the_model_binds_by_position(tmp_path)
     opt2.step()
     snap.restore()
     assert torch.equal(opt2.state[v]["momentum_buffer"], torch.ones(3))
+
+
+# ----------------------------------------------------------------------- issue 16 item 3: capture(to="cpu") streams
+def test_capture_to_cpu_of_cpu_tensors_still_restores():
+    net, opt = make()
+    train(net, opt)
+    snap = Snapshot.capture(net, opt, to="cpu")
+    expect = memstate.fingerprint_state({"model": net, "optimizer": opt}).digest
+    assert snap.fingerprint().digest == expect and snap._pending is None  # nothing asynchronous on the CPU
+    train(net, opt)
+    snap.restore()
+    assert memstate.fingerprint_state({"model": net, "optimizer": opt}).digest == expect
+
+
+@pytest.mark.cuda
+def test_capture_to_cpu_is_ordered_before_work_issued_right_after_it():
+    """The copies to pinned memory run on a side stream; a long step issued on the current
+    stream right after capture() must not overwrite a tensor before it is copied. On every
+    visible device (a cuda:1 tensor is copied on a cuda:1 stream)."""
+    devices = [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(4096, 4096).to(d) for d in devices]  # 64 MiB of weights per device
+    model = torch.nn.ModuleList(nets)
+    opt = memstate.optim.AdamW(model.parameters(), lr=1e-3)
+    x = [torch.randn(256, 4096, device=d) for d in devices]
+    for _ in range(3):
+        opt.zero_grad()
+        sum(n(xi).square().mean().cpu() for n, xi in zip(nets, x)).backward()
+        opt.step()
+        torch.cuda.synchronize()
+        expect = memstate.fingerprint_state({"model": model, "optimizer": opt}).digest
+        snap = Snapshot.capture(model, opt, rng=False, to="cpu")
+        with torch.no_grad():  # a long step, issued at once on the current stream of each device
+            opt.step()
+            for p in model.parameters():
+                for _ in range(20):
+                    p.mul_(1.0001)
+        snap.restore()  # verifies the arena against the fingerprints taken at capture
+        assert memstate.fingerprint_state({"model": model, "optimizer": opt}).digest == expect
+        assert snap.fingerprint().digest == expect
