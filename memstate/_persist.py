@@ -375,7 +375,10 @@ def load(cls, path: str, sources: Dict[str, Any], rng: bool, hyperparameters: st
 
     # bind to the live objects: same sources, tensor names, shapes and dtypes as the saved state
     meta = _field(manifest, "meta", dict, path)
-    saved_sources = set(_field(meta, "sources", list, f"{path}: meta"))
+    saved_sources = _field(meta, "sources", list, f"{path}: meta")
+    if not all(isinstance(k, str) for k in saved_sources):
+        raise SnapshotError(f"{path}: meta: field 'sources' must be a list of names")
+    saved_sources = set(saved_sources)
     given = {k for k, v in sources.items() if v is not None}
     if saved_sources != given:
         missing = sorted(map(str, saved_sources - given))

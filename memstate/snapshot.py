@@ -389,7 +389,8 @@ def _param_keys(sources: Mapping[str, Any]) -> Dict[int, str]:
     if isinstance(model, torch.nn.Module):
         for n, p in model.named_parameters():
             out.setdefault(id(p), f"model.{n}")
-    for key, obj in (sources.get("extra") or {}).items():
+    extra = sources.get("extra")
+    for key, obj in (extra.items() if isinstance(extra, Mapping) else ()):
         if isinstance(obj, torch.nn.Module):
             for n, p in obj.named_parameters():
                 out.setdefault(id(p), f"extra.{key}.{n}")
