@@ -370,7 +370,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         snap2.save(path)
     monkeypatch.setattr(os, "replace", real_replace)
     assert _load(state, path).fingerprint().digest == good  # the earlier snapshot is intact
-    snap2.save(path)  # a later save cleans up the leftovers
+    snap2.save(path)  # the failed save left nothing behind; the next one succeeds
     assert _load(state, path).fingerprint().digest == snap2.fingerprint().digest
     assert len([n for n in os.listdir(path) if n.startswith("data-")]) == 1
 

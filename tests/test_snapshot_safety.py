@@ -181,6 +181,18 @@ def test_restore_refuses_an_invalid_rng_state_before_writing():
     assert everything(net, opt) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process without CUDA devices")
+def test_restore_refuses_cuda_rng_states_without_cuda_before_writing():
+    net, opt = make()
+    snap = Snapshot.capture(net, opt)
+    train(net, opt)
+    snap._meta["rng"]["cuda_devices"] = 1  # a snapshot taken on a GPU machine
+    before = everything(net, opt)
+    with pytest.raises(SnapshotError, match="RNG states of 1 CUDA devices, this process has 0"):
+        snap.restore()
+    assert everything(net, opt) == before
+
+
 def test_restore_refuses_a_grown_optimizer_before_writing():
     net, opt = make()
     train(net, opt)
