@@ -338,7 +338,12 @@ class OrderSampler(Sampler[List[int]]):
 
         ``n``, ``batch_size``, ``policy``, ``drop_last`` and ``root_seed`` must equal this
         sampler's (they define the order), otherwise ValueError naming the field. Everything is
-        validated before anything changes."""
+        validated (``validate_state_dict``) before anything changes."""
+        self._epoch, self._position, self._overrides = self.validate_state_dict(state_dict)
+
+    def validate_state_dict(self, state_dict: Mapping[str, Any]) -> tuple[int, int, Dict[int, List[int]]]:
+        """Checks ``state_dict`` as ``load_state_dict`` would (TypeError/ValueError naming the
+        field) without changing this sampler; returns (epoch, position, overrides)."""
         sd = state_dict
         if not isinstance(sd, Mapping):
             raise TypeError(f"OrderSampler state_dict must be a dict, got {type(sd).__name__}")
@@ -373,7 +378,7 @@ class OrderSampler(Sampler[List[int]]):
             if step < 0:
                 raise ValueError(f"state_dict field 'overrides'[{i}]: step must be >= 0, got {step}")
             overrides[step] = self._check_batches(step, [item[1]], "state_dict field 'overrides'")[0]
-        self._epoch, self._position, self._overrides = epoch, position, overrides
+        return epoch, position, overrides
 
     def __repr__(self):
         return (f"OrderSampler(n={self._n}, batch_size={self._batch_size}, policy={self._policy!r}, "

@@ -270,6 +270,18 @@ def load_active_state(state: Mapping[str, Any]) -> None:
     naming the unknown or ambiguous ones otherwise); live contracts not named in ``state`` are
     left alone. Everything is validated before anything is loaded, so a bad state changes
     nothing."""
+    live, parsed = _validate_active_state(state)
+    for name, p in parsed.items():
+        live[name]._apply_state(p)
+
+
+def validate_active_state(state: Mapping[str, Any]) -> None:
+    """Checks ``state`` as ``load_active_state`` would (ValueError/TypeError naming the contract
+    and field), without loading anything."""
+    _validate_active_state(state)
+
+
+def _validate_active_state(state: Any) -> Tuple[Dict[str, "RngContract"], Dict[str, Dict[str, Any]]]:
     if not isinstance(state, Mapping):
         raise TypeError(f"RNG contract state must be a dict of name -> state_dict, got {type(state).__name__}")
     live = _unique_live()
@@ -281,8 +293,7 @@ def load_active_state(state: Mapping[str, Any]) -> None:
     for name, p in parsed.items():
         if p["name"] != name:
             raise ValueError(f"RngContract {name!r}: its state_dict names it {p['name']!r}")
-    for name, p in parsed.items():
-        live[name]._apply_state(p)
+    return live, parsed
 
 
 # ----------------------------------------------------------------------------------- contract

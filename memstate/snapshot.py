@@ -16,6 +16,8 @@ checksum but are not part of ``fingerprint()``.
 """
 from __future__ import annotations
 
+import copy
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -79,7 +81,10 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
         if "__ndarray__" in obj:
             a = obj["__ndarray__"]
-            return np.array(a["data"], dtype=np.dtype(a["dtype"])).reshape(a["shape"])
+            dtype = np.dtype(a["dtype"])
+            if dtype.kind not in "biufc" or dtype.itemsize > 16:  # numbers only: bounded, no objects
+                raise SnapshotError(f"unsupported ndarray dtype {a['dtype']!r} in snapshot")
+            return np.array(a["data"], dtype=dtype).reshape(a["shape"])
         raise SnapshotError(f"unknown JSON node {sorted(obj)}")
     return obj
 
@@ -106,19 +111,160 @@ def _capture_rng(tensors: List[Tuple[str, torch.Tensor]]) -> dict:
     return meta
 
 
-def _restore_rng(meta: dict, tensors: Mapping[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"].clone())
-    for i in range(meta.get("cuda_devices", 0)):
-        torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"].clone(), i)
-    n = meta["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = meta["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+def _check_rng(meta: Any, tensors: Mapping[str, torch.Tensor]) -> dict:
+    """Validated RNG states of a snapshot (SnapshotError naming the one that is invalid), each
+    tried on a scratch generator: nothing global is touched."""
+    if not isinstance(meta, Mapping):
+        raise SnapshotError("rng: the RNG state must be a dict")
+    out: dict = {"torch": tensors["rng.torch"].clone()}
+    try:
+        torch.Generator().set_state(out["torch"])
+    except (RuntimeError, TypeError) as e:
+        raise SnapshotError(f"rng.torch: not a torch CPU generator state ({e})") from None
+    n_cuda = meta.get("cuda_devices", 0)
+    if not isinstance(n_cuda, int) or n_cuda < 0:
+        raise SnapshotError(f"rng.cuda_devices must be a non-negative int, got {n_cuda!r}")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_cuda > available:
+        raise SnapshotError(f"rng: the snapshot holds the RNG states of {n_cuda} CUDA devices, this process has {available}")
+    out["cuda"] = []
+    for i in range(n_cuda):
+        state = tensors[f"rng.cuda.{i}"].clone()
+        try:
+            torch.Generator(device=f"cuda:{i}").set_state(state)
+        except (RuntimeError, TypeError) as e:
+            raise SnapshotError(f"rng.cuda.{i}: not a CUDA generator state ({e})") from None
+        out["cuda"].append(state)
+    n, p = meta["numpy"], meta["python"]
+    try:
+        out["numpy"] = (n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        np.random.RandomState().set_state(out["numpy"])
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError) as e:
+        raise SnapshotError(f"rng.numpy: not a numpy RandomState state ({type(e).__name__}: {e})") from None
+    try:
+        out["python"] = (p["version"], tuple(p["state"]), p["gauss_next"])
+        random.Random().setstate(out["python"])
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError) as e:
+        raise SnapshotError(f"rng.python: not a Python random state ({type(e).__name__}: {e})") from None
+    out["memstate"] = None
     if meta.get("memstate"):
         from memstate import rng as _rng
 
-        _rng.load_active_state(meta["memstate"])
+        try:
+            _rng.validate_active_state(meta["memstate"])
+        except (TypeError, ValueError) as e:
+            raise SnapshotError(f"rng: the snapshot holds the state of RngContract(s) "
+                                f"{sorted(map(str, meta['memstate']))}: {e}") from None
+        out["memstate"] = meta["memstate"]
+    return out
+
+
+def _restore_rng(state: dict) -> None:
+    """Sets every RNG from ``_check_rng``'s output (cannot fail)."""
+    torch.set_rng_state(state["torch"])
+    for i, s in enumerate(state["cuda"]):
+        torch.cuda.set_rng_state(s, i)
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["memstate"]:
+        from memstate import rng as _rng
+
+        _rng.load_active_state(state["memstate"])
+
+
+# ----------------------------------------------------------------------------------- optimizer binding
+_HYPER_POLICIES = ("snapshot", "live", "check")
+
+
+def _param_index(text: Any, n: int) -> int:
+    """A saved parameter index (str or int), checked against the n bound parameters."""
+    if isinstance(text, bool) or not isinstance(text, (int, str)) or not str(text).isdigit() or int(text) >= n:
+        raise SnapshotError(f"optimizer parameter index {text!r} is not in [0, {n})")
+    return int(text)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality of hyperparameter values (type included; NaN equals NaN; tensors by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8)
+                                                       if a.numel() else a.cpu(),
+                                                       b.detach().cpu().reshape(-1).view(torch.uint8)
+                                                       if b.numel() else b.cpu()))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def _names(names: List[Optional[str]]) -> str:
+    shown = ", ".join(str(n) for n in names[:6])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
+def _bind_optimizer(opt, meta: Mapping[str, Any], keys: Dict[int, str], tensors, policy: str):
+    """(live parameter for each saved parameter index, hyperparameters to set or None).
+
+    Parameters are bound by the names recorded at capture (``_param_keys``): group g of the
+    snapshot must hold exactly the parameters of live group g (order within a group may
+    differ). Parameters without a name (not in the model or extra) are bound by position.
+    Hyperparameters: ``policy`` "snapshot" returns the saved ones to set, "live" None, "check"
+    refuses any difference naming the group and key."""
+    saved_groups = [_decode(g, tensors) for g in meta["param_groups"]]
+    if len(saved_groups) != len(opt.param_groups):
+        raise SnapshotError(f"optimizer: the snapshot has {len(saved_groups)} param group(s), the live optimizer "
+                            f"{len(opt.param_groups)}; the group structure changed")
+    n_live = sum(len(g["params"]) for g in opt.param_groups)
+    if n_live != meta["n_params"]:
+        raise SnapshotError(f"optimizer: the optimizer has {n_live} parameters, the snapshot {meta['n_params']}")
+    saved_names = meta.get("params")  # absent in snapshots of older memstate: positional binding
+    binding: List[torch.Tensor] = []
+    for gi, g in enumerate(opt.param_groups):
+        live = [keys.get(id(p)) for p in g["params"]]
+        saved = saved_names[gi] if saved_names is not None else [None] * len(live)
+        if not isinstance(saved, list) or len(saved) != len(live):
+            raise SnapshotError(f"optimizer param group {gi}: the snapshot has {len(saved)} parameters "
+                                f"({_names(saved)}), the live group {len(live)} ({_names(live)})")
+        by_name = dict(zip(live, g["params"]))
+        named = None not in live and None not in saved and len(by_name) == len(live) == len(set(saved))
+        if named and set(saved) == set(live):
+            binding += [by_name[n] for n in saved]
+        elif saved_names is None or (not named and saved == live):
+            binding += list(g["params"])
+        else:
+            only_saved = [n for n in saved if n not in by_name]
+            only_live = [n for n in live if n not in set(saved)]
+            raise SnapshotError(f"optimizer param group {gi}: different parameters: in the snapshot only "
+                                f"{_names(only_saved) or '-'}; live only {_names(only_live) or '-'}")
+    if policy == "live":
+        return binding, None
+    if policy == "check":
+        for gi, (g, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+            for k in sorted(set(saved) | (set(g) - {"params"}), key=str):
+                if k not in g or k not in saved or not _same(g[k], saved[k]):
+                    raise SnapshotError(
+                        f"optimizer param group {gi}, key {k!r}: the snapshot holds "
+                        f"{saved.get(k, '<absent>')!r}, the live optimizer {g.get(k, '<absent>')!r}; pass "
+                        f"hyperparameters='snapshot' to restore the snapshot's values (e.g. a scheduled "
+                        f"learning rate) or 'live' to keep the live ones")
+        return binding, None
+    for gi, saved in enumerate(saved_groups):
+        if not isinstance(saved, dict) or "params" in saved:
+            raise SnapshotError(f"optimizer param group {gi}: invalid hyperparameters in the snapshot")
+    return binding, saved_groups
+
+
+@dataclass
+class _Plan:
+    """What restore() writes, all checked (Snapshot._plan)."""
+    targets: List[Optional[torch.Tensor]]  # live tensor per entry; None: allocate (optimizer state) / not in place
+    tensors: Dict[str, torch.Tensor]  # non-state entries (RNG, tensors inside state dicts), arena views
+    binding: Optional[List[torch.Tensor]]  # live parameter per saved optimizer index (None: no optimizer)
+    groups: Optional[List[dict]]  # hyperparameters to set per group, or None
+    opt_state: Dict[int, dict]  # saved index -> state (tensors filled in by _apply)
+    loads: List[Tuple[str, Any, Any]]  # (what, object, decoded state_dict) for load_state_dict
+    rng: Optional[dict]  # _check_rng output
 
 
 # ----------------------------------------------------------------------------------- entries
@@ -186,7 +332,9 @@ def _collect(sources: Dict[str, Any], rng: bool) -> Tuple[List[Tuple[str, torch.
                     other[str(index)] = _encode({k: v for k, v in st.items() if not isinstance(v, torch.Tensor)},
                                                 f"optimizer.state.{index}", extra_tensors)
                 index += 1
-        meta["optimizer"] = {"param_groups": groups, "state": other, "n_params": index}
+        keys = _param_keys(sources)
+        meta["optimizer"] = {"param_groups": groups, "state": other, "n_params": index,
+                             "params": [[keys.get(id(p)) for p in g["params"]] for g in opt.param_groups]}
         named += [(n, t, False) for n, t in extra_tensors]
     extra = sources.get("extra")
     if extra is not None:
@@ -230,6 +378,25 @@ def _collect(sources: Dict[str, Any], rng: bool) -> Tuple[List[Tuple[str, torch.
         seen.add(n)
         _check_tensor(n, t)
     return named, meta
+
+
+def _param_keys(sources: Mapping[str, Any]) -> Dict[int, str]:
+    """id(parameter) -> the name that identifies it across processes: ``model.{name}`` for the
+    model's parameters, ``extra.{key}.{name}`` / ``extra.{key}`` for modules / tensors in
+    ``extra``. The optimizer's state is bound to parameters by these names."""
+    out: Dict[int, str] = {}
+    model = sources.get("model")
+    if isinstance(model, torch.nn.Module):
+        for n, p in model.named_parameters():
+            out.setdefault(id(p), f"model.{n}")
+    extra = sources.get("extra")
+    for key, obj in (extra.items() if isinstance(extra, Mapping) else ()):
+        if isinstance(obj, torch.nn.Module):
+            for n, p in obj.named_parameters():
+                out.setdefault(id(p), f"extra.{key}.{n}")
+        elif isinstance(obj, torch.Tensor):
+            out.setdefault(id(obj), f"extra.{key}")
+    return out
 
 
 def _layout(named: List[Tuple[str, torch.Tensor, bool]], device_of) -> Tuple[List[_Entry], Dict[str, int]]:
@@ -287,11 +454,12 @@ class Snapshot:
         self._entries: List[_Entry] = []
         self._arenas: Dict[str, torch.Tensor] = {}
         self._meta: dict = {}
-        self._pending: Optional[Tuple[Any, List[torch.Tensor], List[int]]] = None
+        self._pending: Optional[List[Any]] = None  # CUDA events of to="cpu" copies in flight
         self._slots: List[torch.Tensor] = []
         self._last_srcs: List[torch.Tensor] = []
         self._fp_parts: List[Tuple[List[int], torch.Tensor]] = []
         self._fp_rows: Optional[torch.Tensor] = None
+        self._hyper = "snapshot"  # restore(): param-group hyperparameters (see _HYPER_POLICIES)
 
     # ------------------------------------------------------------------ capture
     @classmethod
@@ -362,19 +530,42 @@ class Snapshot:
         parts = [([local[j] for j in idxs], rows)
                  for idxs, rows in _copy([srcs[i] for i in local], [self._slots[i] for i in local], True)]
         if spilled:  # to="cpu": fingerprint on the device, copy to pinned memory on a side stream
-            rows = _ext.ops().fingerprint([srcs[i] for i in spilled])
-            parts.append((spilled, rows))
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for i in spilled:
-                    self._slots[i].copy_(_bytes_view(srcs[i]), non_blocking=True)
-                    srcs[i].record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-            self._pending = (event, [srcs[i] for i in spilled], spilled)
+            parts += self._spill([srcs[i] for i in spilled], [self._slots[i] for i in spilled], spilled)
         self._fp_parts, self._fp_rows = parts, None
         self._meta = meta
+
+    def _spill(self, srcs: List[torch.Tensor], dsts: List[torch.Tensor], idxs: List[int]):
+        """Device-to-host copies of `srcs` into pinned `dsts`, asynchronous, stream-ordered.
+
+        Per device: the fingerprints run on that device's current stream; a side stream created
+        *on that device* first waits for the current stream (so every write issued before the
+        capture has landed), copies, and then the current stream waits for the side stream, so
+        nothing issued on it after capture() (an optimizer step, say) can modify a tensor before
+        it is copied. The host does not block; ``_wait()`` (restore, save, tensor, recapture)
+        synchronises on the per-device events. Work the caller issues on *other* streams must
+        be ordered after the current stream by the caller, as for any PyTorch op."""
+        by_device: Dict[torch.device, List[int]] = {}
+        for j, t in enumerate(srcs):
+            by_device.setdefault(t.device, []).append(j)
+        parts, events = [], []
+        ops = _ext.ops()
+        for device, js in by_device.items():
+            with torch.cuda.device(device):
+                current = torch.cuda.current_stream(device)
+                rows = ops.fingerprint([srcs[j] for j in js])
+                parts.append(([idxs[j] for j in js], rows))
+                side = torch.cuda.Stream(device=device)
+                side.wait_stream(current)
+                with torch.cuda.stream(side):
+                    for j in js:
+                        dsts[j].copy_(_bytes_view(srcs[j]), non_blocking=True)
+                        srcs[j].record_stream(side)  # kept alive (temporaries too) until the copy ran
+                event = torch.cuda.Event()
+                event.record(side)
+                current.wait_stream(side)
+                events.append(event)
+        self._pending = events
+        return parts
 
     def _fingerprint_rows(self) -> torch.Tensor:
         """int64 [N, 2] msfp1 lanes of the captured tensors, in entry order (one host sync the
@@ -388,9 +579,10 @@ class Snapshot:
         return [Fingerprint._from_lanes(a & _M64, b & _M64) for a, b in self._fingerprint_rows().tolist()]
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending[0].synchronize()
-            self._pending = None
+        """Blocks until the asynchronous device-to-host copies of to="cpu" have completed."""
+        for event in self._pending or ():
+            event.synchronize()
+        self._pending = None
 
     def _slot(self, e: _Entry) -> torch.Tensor:
         arena = self._arenas[str(self._arena_device_of_entry(e))]
@@ -426,17 +618,28 @@ class Snapshot:
         raise KeyError(f"{name!r} is not in the snapshot; names: {', '.join(self.names[:20])}...")
 
     # ------------------------------------------------------------------ restore
-    def _live_targets(self) -> List[torch.Tensor]:
-        """Live tensors to write each entry into, checked before anything is modified.
+    def _plan(self, hyperparameters: Optional[str] = None) -> "_Plan":
+        """Every check of every source, before anything live is written: tensor names, shapes,
+        dtypes and devices; the optimizer's parameters (bound by name), group structure and
+        hyperparameters; the decoded state of the sampler, scheduler, scaler and stateful
+        extras (``validate_state_dict`` where the object has one); every RNG state and RNG
+        contract. Raises SnapshotError naming the first mismatch; modifies nothing."""
+        policy = hyperparameters or self._hyper
+        if policy not in _HYPER_POLICIES:
+            raise ValueError(f"hyperparameters must be one of {', '.join(_HYPER_POLICIES)}, got {policy!r}")
+        try:
+            return self._plan_unchecked(policy)
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError,
+                RuntimeError) as e:
+            raise SnapshotError(f"the snapshot's state cannot be applied: {type(e).__name__}: {e}") from None
 
-        Model/extra tensors must exist with the captured shape, dtype and device. Optimizer
-        state tensors are written in place where a matching one exists, else allocated (the
-        optimizer's state is then rebuilt to match the capture)."""
+    def _plan_unchecked(self, policy: str) -> "_Plan":
         live_named, _ = _collect_tensor_names(self._sources)
-        targets = []
+        captured = {e.name for e in self._entries}
         missing = [e.name for e in self._entries if e.in_state and not e.name.startswith("optimizer.")
                    and e.name not in live_named]
-        captured = {e.name for e in self._entries}
         extra_live = [n for n in live_named if not n.startswith("optimizer.") and n not in captured]
         if missing or extra_live:
             raise SnapshotError(
@@ -444,41 +647,96 @@ class Snapshot:
                 + (f"missing {', '.join(missing[:10])}" if missing else "")
                 + ("; " if missing and extra_live else "")
                 + (f"not in the snapshot: {', '.join(extra_live[:10])}" if extra_live else ""))
-        saved_contracts = set(self._meta.get("rng", {}).get("memstate", {}))
-        if saved_contracts:
-            from memstate import rng as _rng
-
-            missing_contracts = sorted(saved_contracts - set(_rng.active_names()))
-            if missing_contracts:
-                raise SnapshotError(f"the snapshot holds the state of RngContract(s) {missing_contracts}; "
-                                    f"create them (same names) before restore()")
+        tensors = {e.name: _typed(self._slot(e), e) for e in self._entries if not e.in_state}
         opt = self._sources.get("optimizer")
+        binding: Optional[List[torch.Tensor]] = None
+        groups: Optional[List[dict]] = None
+        opt_state: Dict[int, dict] = {}
         if opt is not None and "optimizer" in self._meta:
-            n_live = sum(len(g["params"]) for g in opt.param_groups)
-            if n_live != self._meta["optimizer"]["n_params"]:
-                raise SnapshotError(f"the optimizer has {n_live} parameters, the snapshot {self._meta['optimizer']['n_params']}")
+            binding, groups = _bind_optimizer(opt, self._meta["optimizer"], _param_keys(self._sources), tensors,
+                                              policy)
+            for index, values in self._meta["optimizer"]["state"].items():
+                opt_state[_param_index(index, len(binding))] = dict(_decode(values, tensors))
+        elif opt is not None or "optimizer" in self._meta:
+            raise SnapshotError("the snapshot and the live objects disagree on whether there is an optimizer")
+        targets: List[Optional[torch.Tensor]] = []
         for e in self._entries:
-            t = live_named.get(e.name)
-            if e.name.startswith("optimizer.state.") and e.in_state:
-                if t is None or t.shape != e.shape or t.dtype != e.dtype or t.device != e.device:
-                    t = None  # allocated below
-            elif t is not None and (tuple(t.shape) != e.shape or t.dtype != e.dtype or t.device != e.device):
-                raise SnapshotError(
-                    f"{e.name}: live tensor is {_dtype_name(t.dtype)}{list(t.shape)} on {t.device}, the snapshot "
-                    f"holds {_dtype_name(e.dtype)}{list(e.shape)} on {e.device}")
+            if e.in_state and e.name.startswith("optimizer."):
+                parts = e.name.split(".", 3)
+                if len(parts) != 4 or parts[1] != "state" or binding is None:
+                    raise SnapshotError(f"{e.name}: not an optimizer state tensor of this optimizer")
+                index = _param_index(parts[2], len(binding))
+                if not parts[3].isidentifier():
+                    raise SnapshotError(f"{e.name}: {parts[3]!r} is not an optimizer state key")
+                t = opt.state.get(binding[index], {}).get(parts[3])
+                if not (isinstance(t, torch.Tensor) and tuple(t.shape) == e.shape and t.dtype == e.dtype
+                        and t.device == e.device):
+                    t = None  # allocated by _apply; the optimizer's state is rebuilt to the capture
+                opt_state.setdefault(index, {})
+            elif e.in_state:
+                t = live_named[e.name]
+                if tuple(t.shape) != e.shape or t.dtype != e.dtype or t.device != e.device:
+                    raise SnapshotError(
+                        f"{e.name}: live tensor is {_dtype_name(t.dtype)}{list(t.shape)} on {t.device}, the snapshot "
+                        f"holds {_dtype_name(e.dtype)}{list(e.shape)} on {e.device}")
+            else:
+                t = None
             targets.append(t)
-        return targets
+        loads = []
+        extra = self._sources.get("extra") or {}
+        for key, kind in self._meta.get("extra", {}).items():
+            obj = extra.get(key)
+            if isinstance(kind, dict):
+                if obj is None or not hasattr(obj, "load_state_dict"):
+                    raise SnapshotError(f"extra[{key!r}]: the snapshot holds its state_dict; pass the object")
+                loads.append((f"extra[{key!r}]", obj, _decode(kind["state_dict"], tensors)))
+        stateful_live = [k for k, v in extra.items() if not isinstance(v, (torch.Tensor, torch.nn.Module,
+                         torch.optim.Optimizer, Mapping)) and k not in self._meta.get("extra", {})]
+        if stateful_live:
+            raise SnapshotError(f"extra: not in the snapshot: {', '.join(map(repr, stateful_live))}")
+        for key in ("sampler", "scheduler", "scaler"):
+            if key in self._meta and self._sources.get(key) is not None:
+                loads.append((key, self._sources[key], _decode(self._meta[key], tensors)))
+        for what, obj, sd in loads:
+            check = getattr(obj, "validate_state_dict", None)
+            if callable(check):
+                try:
+                    check(sd)
+                except (TypeError, ValueError) as e:
+                    raise SnapshotError(f"{what}: {e}") from None
+        rng_state = _check_rng(self._meta["rng"], tensors) if "rng" in self._meta else None
+        return _Plan(targets, tensors, binding, groups, opt_state, loads, rng_state)
 
-    def restore(self) -> None:
+    def restore(self, *, hyperparameters: Optional[str] = None) -> None:
         """Writes the captured state back into the live objects, in place, verifying every
-        tensor's fingerprint in the same pass. Raises before modifying anything if the live
-        objects no longer match the snapshot (names, shapes, dtypes, devices)."""
+        tensor's fingerprint in the same pass.
+
+        Every check of every source runs first (see ``_plan``): a mismatch raises SnapshotError
+        before any live state is modified. ``hyperparameters`` overrides how param-group
+        hyperparameters are treated (default: ``"snapshot"`` for a captured snapshot, the
+        ``Snapshot.load`` choice for a loaded one): ``"snapshot"`` sets them to the captured
+        values, ``"live"`` keeps the live ones, ``"check"`` refuses any difference."""
         self._wait()
-        targets = self._live_targets()
-        opt = self._sources.get("optimizer")
-        # allocate optimizer state tensors that do not exist live (or changed shape)
+        self._apply(self._plan(hyperparameters))
+
+    def _apply(self, plan: "_Plan") -> None:
+        # 1. objects restored through load_state_dict: all validated, but a generic object may
+        #    still refuse; then every one loaded so far is put back and nothing else is touched.
+        done = []
+        for what, obj, sd in plan.loads:
+            try:
+                before = copy.deepcopy(obj.state_dict())
+                obj.load_state_dict(sd)
+                done.append((obj, before))
+            except Exception as e:
+                for o, b in reversed(done):
+                    o.load_state_dict(b)
+                raise SnapshotError(f"{what}: load_state_dict refused the snapshot's state ({type(e).__name__}: {e}); "
+                                    f"nothing was restored") from None
+        # 2. tensors, in place (optimizer state tensors that do not exist live are allocated)
+        targets = list(plan.targets)
         for i, (e, t) in enumerate(zip(self._entries, targets)):
-            if t is None and e.name.startswith("optimizer.state."):
+            if t is None and e.in_state:
                 targets[i] = torch.empty(e.shape, dtype=e.dtype, device=e.device)
         in_place = [i for i, t in enumerate(targets) if t is not None]
         srcs, dsts, tmp_back = [], [], []
@@ -499,64 +757,64 @@ class Snapshot:
         sel = torch.tensor(in_place, dtype=torch.long)
         bad = [] if torch.equal(got[sel], want[sel]) else [
             self._entries[i].name for i in in_place if not torch.equal(got[i], want[i])]
-        if bad:
+        if bad:  # the arena itself changed in memory since capture/load: nothing to fall back to
             raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
         _bump_versions([targets[i] for i in in_place if self._entries[i].name.startswith(("model.", "extra."))])
-        tensors = {e.name: _typed(self._slot(e), e) for e, t in zip(self._entries, targets) if not e.in_state}
-        if opt is not None and "optimizer" in self._meta:
-            self._restore_optimizer(opt, targets, tensors)
-        extra = self._sources.get("extra") or {}
-        for key, kind in self._meta.get("extra", {}).items():
-            if isinstance(kind, dict):
-                extra[key].load_state_dict(_decode(kind["state_dict"], tensors))
-        for key in ("sampler", "scheduler", "scaler"):
-            if key in self._meta and self._sources.get(key) is not None:
-                self._sources[key].load_state_dict(_decode(self._meta[key], tensors))
-        if "rng" in self._meta:
-            _restore_rng(self._meta["rng"], tensors)
-
-    def _restore_optimizer(self, opt, targets, tensors) -> None:
-        meta = self._meta["optimizer"]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        new_state: Dict[int, dict] = {}
-        for e, t in zip(self._entries, targets):
-            if e.in_state and e.name.startswith("optimizer.state."):
-                _, _, index, key = e.name.split(".", 3)
-                new_state.setdefault(int(index), {})[key] = t
-        for index, values in meta["state"].items():
-            new_state.setdefault(int(index), {}).update(_decode(values, tensors))
-        for gi, (g, saved) in enumerate(zip(opt.param_groups, meta["param_groups"])):
-            for k, v in _decode(saved, tensors).items():
-                g[k] = v
-        for i, p in enumerate(params):
-            if i in new_state:
-                st = opt.state[p]
-                for k in [k for k in st if k not in new_state[i]]:
-                    del st[k]
-                st.update(new_state[i])
-            elif p in opt.state:
-                del opt.state[p]
+        # 3. the optimizer's state and param groups, bound by parameter name
+        opt = self._sources.get("optimizer")
+        if plan.binding is not None:
+            for e, t in zip(self._entries, targets):
+                if e.in_state and e.name.startswith("optimizer.state."):
+                    _, _, index, key = e.name.split(".", 3)
+                    plan.opt_state[int(index)][key] = t
+            if plan.groups is not None:
+                for g, saved in zip(opt.param_groups, plan.groups):
+                    g.update(saved)
+            for i, p in enumerate(plan.binding):
+                if i in plan.opt_state:
+                    st = opt.state[p]
+                    for k in [k for k in st if k not in plan.opt_state[i]]:
+                        del st[k]
+                    st.update(plan.opt_state[i])
+                elif p in opt.state:
+                    del opt.state[p]
+        # 4. RNGs (validated by _check_rng)
+        if plan.rng is not None:
+            _restore_rng(plan.rng)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, timeout: Optional[float] = None) -> None:
         """Writes the snapshot to directory `path` atomically: a new data file under a fresh
-        name, then the manifest via a temporary name, fsync and rename. A crash at any point
-        leaves the previous snapshot at `path` intact."""
+        name, then the manifest via a temporary name, fsync and rename; then the data file of
+        the previous manifest (and nothing else) is removed. A crash at any point leaves the
+        previous snapshot at `path` intact; a failed save removes what it wrote.
+
+        Writers take an exclusive ``fcntl.flock`` on ``path/.memstate.lock``: a second writer
+        raises SnapshotError at once, or waits up to ``timeout`` seconds for the lock. The free
+        space is checked first: the new data file and manifest must fit while the old ones
+        still exist (SnapshotError naming the bytes needed and free otherwise)."""
         from memstate import _persist
 
         self._wait()
-        _persist.save(self, path)
+        _persist.save(self, path, timeout)
 
     @classmethod
     def load(cls, path: str, model=None, optimizer=None, *, sampler=None, scheduler=None, scaler=None,
-             extra=None, rng: bool = True) -> "Snapshot":
+             extra=None, rng: bool = True, hyperparameters: str = "check") -> "Snapshot":
         """Reads a saved snapshot, verifies every checksum and fingerprint, and binds it to
-        the given live objects (names, shapes and dtypes must match). Nothing live is touched
-        until ``restore()``."""
+        the given live objects, running every check ``restore()`` makes (names, shapes, dtypes,
+        the optimizer's parameters bound by name and its group structure, sampler/scheduler/
+        scaler/extra state, RNG states). Nothing live is touched until ``restore()``.
+
+        ``hyperparameters``: ``"check"`` (default) refuses a param group whose hyperparameters
+        (lr, betas, weight_decay, ...) differ from the snapshot's, naming the group and key;
+        ``"snapshot"`` restores the snapshot's values (e.g. a scheduled learning rate when
+        resuming); ``"live"`` keeps the live optimizer's."""
         from memstate import _persist
 
         return _persist.load(cls, path, dict(model=model, optimizer=optimizer, sampler=sampler, scheduler=scheduler,
-                                             scaler=scaler, extra=dict(extra) if extra is not None else None), rng)
+                                             scaler=scaler, extra=dict(extra) if extra is not None else None), rng,
+                             hyperparameters)
 
     def __repr__(self):
         return (f"Snapshot({len(self._entries)} tensors, {self.nbytes / 2**20:.1f} MiB, "

@@ -222,7 +222,8 @@ def test_save_load_roundtrip_in_process(tmp_path):
     manifest = json.loads((tmp_path / "snap" / "manifest.json").read_text())
     assert manifest["format"] == "memstate-snapshot"
     loaded = Snapshot.load(str(tmp_path / "snap"), state[0], state[2], sampler=state[4], scheduler=state[3],
-                           extra={"ema": state[1], "queue": state[5], "ptr": state[6]})
+                           extra={"ema": state[1], "queue": state[5], "ptr": state[6]},
+                           hyperparameters="snapshot")  # the scheduled lr is part of the resumed state
     assert loaded.fingerprint().digest == snap.fingerprint().digest
     loaded.restore()
     assert record(state, 5) == first
@@ -239,7 +240,7 @@ SCRIPT = textwrap.dedent("""
     net, ema, opt, sched, sampler, queue, ptr = state
     T.record(state, 1)  # create optimizer state so shapes exist; it will be overwritten
     snap = Snapshot.load({path!r}, net, opt, sampler=sampler, scheduler=sched,
-                         extra={{"ema": ema, "queue": queue, "ptr": ptr}})
+                         extra={{"ema": ema, "queue": queue, "ptr": ptr}}, hyperparameters="snapshot")
     snap.restore()
     print(json.dumps(T.record(state, 5)))
 """)
@@ -268,7 +269,8 @@ def _saved(tmp_path):
 
 def _load(state, path):
     net, ema, opt, sched, sampler, queue, ptr = state
-    return Snapshot.load(path, net, opt, sampler=sampler, scheduler=sched, extra={"ema": ema, "queue": queue, "ptr": ptr})
+    return Snapshot.load(path, net, opt, sampler=sampler, scheduler=sched, extra={"ema": ema, "queue": queue, "ptr": ptr},
+                         hyperparameters="snapshot")
 
 
 def _live_digest(state):
@@ -368,7 +370,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         snap2.save(path)
     monkeypatch.setattr(os, "replace", real_replace)
     assert _load(state, path).fingerprint().digest == good  # the earlier snapshot is intact
-    snap2.save(path)  # a later save cleans up the leftovers
+    snap2.save(path)  # the failed save left nothing behind; the next one succeeds
     assert _load(state, path).fingerprint().digest == snap2.fingerprint().digest
     assert len([n for n in os.listdir(path) if n.startswith("data-")]) == 1
 
