@@ -59,6 +59,18 @@ them; the runner calls it at step ``start + length``):
 - The order primitives (S2, S3) write ``sampler.override_window(start, batches)`` for the
   window steps only; nothing is left to undo.
 
+Estimands (SEED.md, section 6.1). Every primitive declares the seed-paired estimand it measures,
+``Primitive.estimand(params) -> Estimand``, with the sign convention of the seed::
+
+    memory effect = E_s[ M(control: memory kept) - M(treatment: memory perturbed) ]
+
+e.g. ``ATE_opt = E[M(carry) - M(reset_momentum)]`` and ``ATE_order = E[M(rr) - M(wr)]``.
+A positive effect therefore means the kept memory *raises* the metric M. Names by source:
+S1 ``ATE_opt``, S2 ``ATE_order``, S3 ``ATE_path``, S4 ``ATE_aux``, S5 ``ATE_teacher``, control
+``null``. The control arm is labelled ``carry`` (it carries the memory on), the treatment arm by
+the primitive's name, except ``policy_switch``: control = the sampler's policy (``rr`` when not
+known), treatment = the target policy. ``Applied.estimand`` records it for each application.
+
 Randomness (``order_window_swap``, ``policy_switch``, ``shuffle_queue``) comes from one
 generator per application, in this order of preference: the ``seed`` parameter
 (``torch.Generator().manual_seed(seed)``); ``state.contract.generator("perturb",
@@ -100,6 +112,8 @@ __all__ = [
     "check_single_source",
     "teacher_frozen",
     "SOURCES",
+    "ESTIMAND_NAMES",
+    "Estimand",
 ]
 
 SOURCES: Dict[str, str] = {
@@ -110,6 +124,16 @@ SOURCES: Dict[str, str] = {
     "S5": "teacher/meta state",
     "none": "control (no perturbation)",
 }
+
+ESTIMAND_NAMES: Dict[str, str] = {
+    "S1": "ATE_opt",
+    "S2": "ATE_order",
+    "S3": "ATE_path",
+    "S4": "ATE_aux",
+    "S5": "ATE_teacher",
+    "none": "null",
+}
+"""Estimand name of each source (SEED.md 6.1 names ATE_opt and ATE_order; the rest follow suit)."""
 
 
 # ----------------------------------------------------------------------------------- errors
@@ -135,6 +159,61 @@ class SingleSourceViolation(RuntimeError):
         super().__init__(message)
         self.undeclared = list(undeclared)
         self.changed = list(changed)
+
+
+# ----------------------------------------------------------------------------------- estimands
+def _label(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise ValueError(f"Estimand: {what} must be a non-empty str without surrounding blanks, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Estimand:
+    """The seed-paired estimand an experiment measures (SEED.md 6.1).
+
+    ``name`` (e.g. "ATE_opt"), ``control`` (label of the arm that keeps the memory, e.g.
+    "carry", or "rr" for an order-policy switch) and ``treatment`` (label of the perturbed arm,
+    e.g. "reset_momentum", or "wr"). The effect is ``E_s[M(control) - M(treatment)]``: memory
+    kept minus memory perturbed, per seed s, averaged over seeds. Labels are display text
+    (arm names in tables, CSV headers and plots), not identifiers.
+    """
+
+    name: str
+    control: str
+    treatment: str
+
+    def __post_init__(self):
+        _label(self.name, "name")
+        _label(self.control, "control")
+        _label(self.treatment, "treatment")
+        if self.control == self.treatment:
+            raise ValueError(f"Estimand {self.name!r}: control and treatment are both labelled {self.control!r}")
+
+    @property
+    def text(self) -> str:
+        """E.g. ``"ATE_opt = E[M(carry) - M(reset_momentum)]"``."""
+        return f"{self.name} = E[M({self.control}) - M({self.treatment})]"
+
+    def to_json(self) -> Dict[str, str]:
+        """JSON-able record for protocol cards (``text`` included; ``from_json`` checks it)."""
+        return {"name": self.name, "control": self.control, "treatment": self.treatment, "text": self.text}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Estimand":
+        """Inverse of ``to_json``; ValueError naming the bad key for a malformed record."""
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"an estimand record must be a JSON object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - {"name", "control", "treatment", "text"})
+        if unknown:
+            raise ValueError(f"estimand record: unknown key(s) {', '.join(map(str, unknown))}")
+        missing = [k for k in ("name", "control", "treatment") if k not in obj]
+        if missing:
+            raise ValueError(f"estimand record: missing key(s) {', '.join(missing)}")
+        e = cls(obj["name"], obj["control"], obj["treatment"])
+        if "text" in obj and obj["text"] != e.text:
+            raise ValueError(f"estimand record: text {obj['text']!r} does not match its fields ({e.text!r})")
+        return e
 
 
 # ----------------------------------------------------------------------------------- half-lives
@@ -292,7 +371,8 @@ class Applied:
 
     ``window`` is ``(start_step, length)``: the perturbation's effects cover steps
     ``start <= t < start + length``. ``changed`` (set by ``apply_checked``) lists the entries
-    whose fingerprint changed; ``digest_before``/``digest_after`` the state digests.
+    whose fingerprint changed; ``digest_before``/``digest_after`` the state digests;
+    ``estimand`` the primitive's declared estimand for these parameters and this state.
     ``finish(state)`` ends window-limited effects (idempotent; a no-op for most primitives).
     """
 
@@ -304,6 +384,7 @@ class Applied:
     changed: Optional[List[str]] = None
     digest_before: Optional[str] = None
     digest_after: Optional[str] = None
+    estimand: Optional[Estimand] = None
     finished: bool = False
     _finish: Optional[Callable[[TrainState], None]] = field(default=None, repr=False)
 
@@ -341,6 +422,7 @@ class Applied:
             "changed": None if self.changed is None else list(self.changed),
             "digest_before": self.digest_before,
             "digest_after": self.digest_after,
+            "estimand": None if self.estimand is None else self.estimand.to_json(),
         }
 
 
@@ -349,6 +431,10 @@ CheckFn = Callable[[TrainState, Dict[str, Any]], None]
 WindowFn = Callable[[TrainState, Dict[str, Any]], int]
 ApplyFn = Callable[[TrainState, Dict[str, Any], int, int], Optional[Callable[[TrainState], None]]]
 DeclaredFn = Callable[[TrainState, Dict[str, Any]], Tuple[str, ...]]
+EstimandFn = Callable[[Dict[str, Any], Optional[TrainState]], Estimand]
+
+# keys an application adds to its parameters (Applied.params), accepted back by Primitive.estimand
+_RECORD_KEYS = frozenset({"rng", "from"})
 
 
 class Primitive:
@@ -362,7 +448,10 @@ class Primitive:
     - ``params``: name -> default (``REQUIRED`` for none); unknown names are an error listing
       the valid ones;
     - ``default_window(state, **params)``, ``check(state, **params)``, ``apply(state, *,
-      window=None, **params) -> Applied``.
+      window=None, **params) -> Applied``;
+    - ``estimand(params, state=None) -> Estimand``: by default ``ESTIMAND_NAMES[source]`` with
+      arms ``carry`` (``control`` for ``null``) and the primitive's name; ``estimand_fn(p, state)``
+      overrides it (``policy_switch`` labels the arms by policy).
 
     Build one from rule functions (``check_fn(state, p)``, ``window_fn(state, p) -> int``,
     ``apply_fn(state, p, start, length) -> finish callable or None``, ``declared_fn(state, p)``;
@@ -373,6 +462,7 @@ class Primitive:
     def __init__(self, name: str, source: str, touches: Sequence[str], *,
                  apply_fn: Optional[ApplyFn] = None, check_fn: Optional[CheckFn] = None,
                  window_fn: Optional[WindowFn] = None, declared_fn: Optional[DeclaredFn] = None,
+                 estimand_fn: Optional[EstimandFn] = None,
                  params: Optional[Mapping[str, Any]] = None, description: str = "",
                  window_rule: str = ""):
         if not isinstance(name, str) or not name:
@@ -387,6 +477,7 @@ class Primitive:
         self.description = description
         self.window_rule = window_rule
         self._check_fn, self._window_fn, self._apply_fn, self._declared_fn = check_fn, window_fn, apply_fn, declared_fn
+        self._estimand_fn = estimand_fn
 
     def __repr__(self):
         return f"Primitive({self.name!r}, source={self.source!r}, touches={self.touches!r})"
@@ -411,7 +502,28 @@ class Primitive:
             return self.touches
         return tuple(self._declared_fn(state, p))
 
+    def _estimand(self, p: Dict[str, Any], state: Optional[TrainState]) -> Estimand:
+        if self._estimand_fn is not None:
+            return self._estimand_fn(p, state)
+        return Estimand(ESTIMAND_NAMES[self.source], "control" if self.source == "none" else "carry", self.name)
+
     # -------------------------------------------------------------------- public API
+    def estimand(self, params: Optional[Mapping[str, Any]] = None, state: Optional[TrainState] = None) -> Estimand:
+        """The estimand this primitive measures with ``params`` (SEED.md 6.1; sign: control -
+        treatment, memory kept minus memory perturbed). ``params`` may be the user's parameters
+        or a recorded ``Applied.params``; missing ones take their defaults (a REQUIRED one is not
+        needed here), unknown ones raise PerturbationError. ``state`` (optional) lets labels
+        depend on it, e.g. ``policy_switch``'s control is ``state.sampler.policy``."""
+        params = {} if params is None else params
+        if not isinstance(params, Mapping):
+            raise PerturbationError(f"{self.name}: estimand params must be a mapping, got {type(params).__name__}")
+        unknown = sorted(set(params) - set(self.params) - _RECORD_KEYS)
+        if unknown:
+            valid = ", ".join(sorted(self.params)) or "none"
+            raise PerturbationError(f"{self.name}: unknown parameter(s) {', '.join(map(str, unknown))}; valid: {valid}")
+        return self._estimand({**self.params, **params}, state)
+
+
     def resolve(self, params: Mapping[str, Any]) -> Dict[str, Any]:
         """Parameters merged with the defaults; unknown or missing ones raise PerturbationError."""
         unknown = sorted(set(params) - set(self.params))
@@ -455,7 +567,8 @@ class Primitive:
         declared = self._declared(state, p)
         with torch.no_grad():
             finish = self._apply(state, p, start, window)
-        return Applied(self.name, self.source, (start, window), p, tuple(declared), _finish=finish)
+        return Applied(self.name, self.source, (start, window), p, tuple(declared),
+                       estimand=self._estimand(p, state), _finish=finish)
 
     def _check_window(self, state: TrainState, p: Dict[str, Any], start: int, length: int) -> None:
         """Hook for window-dependent preconditions (e.g. commute_pair needs exactly 2)."""
@@ -469,6 +582,7 @@ class Primitive:
             "params": {k: ("REQUIRED" if v is REQUIRED else _jsonable(v)) for k, v in self.params.items()},
             "window_rule": self.window_rule,
             "description": self.description,
+            "estimand": self.estimand().to_json(),
         }
 
 
@@ -902,6 +1016,23 @@ def _policy_target(state, p) -> Tuple[str, str]:
     return cur, to
 
 
+def _policy_estimand(p: Dict[str, Any], state: Optional[TrainState]) -> Estimand:
+    """ATE_order = E[M(current policy) - M(target policy)]; the current policy is the recorded
+    ``from``, else ``state.sampler.policy``, else "rr" (the usual sampler); the target is ``to``,
+    else the default switch (wr -> rr, anything else -> wr)."""
+    cur = p.get("from")
+    if cur is None and state is not None and state.sampler is not None:
+        cur = getattr(state.sampler, "policy", None)
+    to = p.get("to")
+    _need(to is None or to in ("rr", "wr"), "policy_switch", f"to={to!r}; valid: rr, wr")
+    if cur is None:
+        cur = "carry" if to == "rr" else "rr"  # a switch to rr comes from a policy we do not know
+    if to is None:
+        to = "rr" if cur == "wr" else "wr"
+    _need(to != cur, "policy_switch", f"the sampler already uses policy {cur!r}")
+    return Estimand(ESTIMAND_NAMES["S2"], str(cur), to)
+
+
 def _policy_check(state, p):
     _policy_target(state, p)
     _check_perturb_stream(state, p, "policy_switch")
@@ -1116,6 +1247,7 @@ def _builtin() -> List[Primitive]:
                   window_rule="one epoch (sampler.batches_per_epoch)"),
         Primitive("policy_switch", "S2", ("sampler.window",),
                   check_fn=_policy_check, window_fn=_epoch_window("policy_switch"), apply_fn=_policy_apply,
+                  estimand_fn=_policy_estimand,
                   params={"to": None, "seed": None},
                   description="rr (or so/fixed) -> with-replacement uniform draws "
                               "(wr -> fresh permutations of the dataset) for the window, batch sizes kept",
