@@ -13,6 +13,71 @@ import os
 from typing import List
 
 
+def _pfmt(p) -> str:
+    return "n/a" if p is None else (f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def table_rows(config: dict, results: dict, point: str) -> List[dict]:
+    """Display rows of one results table (strings), shared by the text and HTML tables."""
+    from memstate.stats import format_estimate
+
+    better = config.get("higher_is_better", {})
+    rows = []
+    for key, r in results["tables"][point]["rows"].items():
+        a = r["ate"]
+        nan = float("nan")
+        est, lo, hi = format_estimate(*(nan if v is None else v for v in (a["ate"], a["ci"][0], a["ci"][1])))
+        degenerate = a["degenerate"]
+        rows.append({
+            "key": key, "effect": r["effect"], "metric": r["metric"],
+            "better": "higher" if better.get(r["metric"]) else "lower",
+            "ate": est, "ci": f"[{lo}, {hi}]",
+            "p_t": "n/a, all seeds equal" if degenerate else _pfmt(a["p_t"]),
+            "p_holm": "n/a" if degenerate else _pfmt(r["p_holm"]),
+            "p_signflip": _pfmt(a["p_signflip"]),
+            "dz": "n/a" if a["dz"] is None else f"{a['dz']:.2f}",
+            "counts": f"{a['n_pos']}/{a['n_neg']}/{a['n_zero']}",
+            "significant": (not degenerate) and r["p_holm"] is not None and r["p_holm"] < 1 - a["level"],
+        })
+    return rows
+
+
+def table_footer(config: dict, results: dict, point: str) -> List[str]:
+    """The lines under a table: estimand(s) and sign, CI method and level, Holm family size,
+    sign-flip floor, then the table's notes."""
+    t = results["tables"][point]
+    first = next(iter(t["rows"].values()))["ate"]
+    lines = [f"{name}: {e['text']}" for name, e in results["effects"].items()]
+    lines.append(f"sign: {results['sign']}; {t['method']} CI at {t['level']:.0%}; headline p = paired t, "
+                 f"p_holm = Holm over all {t['tests']} tests of this table; p_signflip = exact sign-flip "
+                 f"(robustness, floor {first['p_signflip_floor']:.4g} at n = {first['n']}); +/-/0 = seeds with "
+                 f"difference > 0, < 0, = 0")
+    return lines + list(t["notes"])
+
+
+def point_title(config: dict, results: dict, point: str) -> str:
+    steps = sorted(set(results["tables"][point]["steps"]))
+    at = ", ".join(str(s) for s in steps)
+    return (f"{point} probe, after step {at}" + (" (end of the hold window)" if point == "early" else " (horizon)"))
+
+
+def text_table(config: dict, results: dict, point: str = "final") -> str:
+    """Plain-text ATE table of one probe point, as the CLI prints it."""
+    rows = table_rows(config, results, point)
+    w = max(10, max(len(r["key"]) for r in rows))
+    cw = max(12, max(len(r["ci"]) for r in rows))
+    pw = max(8, max(len(r["p_t"]) for r in rows))
+    head = (f"{'effect':{w}} {'better':>6} {'ATE':>10} {'CI':>{cw}} {'p_t':>{pw}} {'p_holm':>7} {'p_signflip':>10} "
+            f"{'d_z':>6} {'+/-/0':>7}")
+    lines = [point_title(config, results, point), head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['key']:{w}} {r['better']:>6} {r['ate']:>10} {r['ci']:>{cw}} {r['p_t']:>{pw}} "
+                     f"{r['p_holm'] + ('*' if r['significant'] else ' '):>7} {r['p_signflip']:>10} {r['dz']:>6} "
+                     f"{r['counts']:>7}")
+    lines += ["  " + x for x in table_footer(config, results, point)]
+    return "\n".join(lines)
+
+
 def write_results_csv(card: dict, path: str) -> None:
     """One row per seed: every arm's probe metrics, divergence and the A/A result."""
     metrics = card["config"]["metrics"]
