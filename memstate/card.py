@@ -69,7 +69,7 @@ MAX_DEPTH = 32
 #: Largest card file read (bytes).
 MAX_BYTES = 512 * 2 ** 20
 
-__all__ = ["CardError", "make_card", "write_card", "read_card", "validate_card", "replay", "compare_seed",
+__all__ = ["CardError", "make_card", "write_card", "read_card", "loads_card", "validate_card", "checksum", "replay", "compare_seed",
            "experiment_from_card", "CARD_FORMAT", "CARD_VERSION"]
 
 
@@ -140,19 +140,24 @@ def read_card(path: str) -> dict:
             raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise CardError(f"{path}: cannot read ({e.strerror or e})") from None
+    return loads_card(raw, path)
+
+
+def loads_card(raw: bytes, where: str = "card") -> dict:
+    """``read_card`` for bytes already in memory."""
     if len(raw) > MAX_BYTES:
-        raise CardError(f"{path}: larger than {MAX_BYTES} bytes, not a card")
+        raise CardError(f"{where}: larger than {MAX_BYTES} bytes, not a card")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CardError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+        raise CardError(f"{where}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
     try:
         card = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise CardError(f"{path}: JSON nested too deeply") from None
+        raise CardError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:
-        raise CardError(f"{path}: malformed JSON ({e})") from None
-    return validate_card(card, path)
+        raise CardError(f"{where}: malformed JSON ({e})") from None
+    return validate_card(card, where)
 
 
 # ----------------------------------------------------------------------------------------------
