@@ -52,7 +52,8 @@ def table_footer(config: dict, results: dict, point: str) -> List[str]:
     sign-flip floor, then the table's notes."""
     t = results["tables"][point]
     first = next(iter(t["rows"].values()))["ate"]
-    lines = [f"{name}: {e['text']}" for name, e in results["effects"].items()]
+    lines = [e["text"] if e["text"].startswith(name + " = ") else f"{name}: {e['text']}"
+             for name, e in results["effects"].items()]
     lines.append(f"sign: {results['sign']}; {t['method']} CI at {t['level']:.0%}; headline p = paired t, "
                  f"p_holm = Holm over all {t['tests']} tests of this table; p_signflip = exact sign-flip "
                  f"(robustness, floor {first['p_signflip_floor']:.4g} at n = {first['n']}); +/-/0 = seeds with "
@@ -205,17 +206,26 @@ def _plots(card: dict, out_dir: str) -> Dict[str, List[str]]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     ax = axes[0]
     steps = np.arange(t0 + 1, horizon + 1)
+    # divergences span orders of magnitude (the butterfly's grows from 1e-6): when every value
+    # is positive, the mean and its t band are taken over log10 (geometric mean), so the band
+    # stays positive and readable on a log axis
+    positive = all(x > 0 for r in seeds for a in div_arms for x in r["divergence"][a]["param_l2"])
     for a in div_arms:
-        mean, lo, hi = _t_band([r["divergence"][a]["param_l2"] for r in seeds])
+        rows = [r["divergence"][a]["param_l2"] for r in seeds]
         c = ARM_COLORS.get(a, "k")
+        if positive:
+            mean, lo, hi = (10 ** x for x in _t_band(np.log10(np.asarray(rows))))
+        else:
+            mean, lo, hi = _t_band(rows)
         ax.plot(steps, mean, color=c, label=_label(card, a))
-        ax.fill_between(steps, np.maximum(lo, 1e-30), hi, color=c, alpha=0.2)
+        ax.fill_between(steps, lo, hi, color=c, alpha=0.2)
     ax.axvline(window_end, color="k", ls="--", lw=0.8, label="window end")
-    if any(max(r["divergence"][a]["param_l2"] or [0]) > 0 for r in seeds for a in div_arms):
+    if positive:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("||theta_arm - theta_control||_2")
-    ax.set_title("parameter divergence from control (mean, 95% band)", fontsize=9)
+    ax.set_title("parameter divergence from control (" + ("geometric " if positive else "")
+                 + "mean over seeds, 95% band)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[1]
     for a in div_arms:
@@ -356,7 +366,8 @@ def write_report(card: dict, out: str) -> str:
     write_results_csv(card, os.path.join(out_dir, "results.csv"))
     cfg, env, res = card["config"], card["environment"], card["results"]
     viol = [v for s in card["seeds"] for v in s["contract_violations"]]
-    est = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(e['text'])}</li>" for n, e in res["effects"].items())
+    est = "".join(f"<li>{html.escape(e['text'])}</li>" if e["text"].startswith(n + " = ")
+                  else f"<li><b>{html.escape(n)}</b>: {html.escape(e['text'])}</li>" for n, e in res["effects"].items())
 
     def imgs(kind):
         return "".join(f'<img src="{f}" alt="{f}">' for f in files[kind])
