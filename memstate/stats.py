@@ -2,7 +2,9 @@
 
 A branch-and-hold experiment gives, for each seed ``i``, one metric under the treatment and one
 under the control. The per-seed difference ``d_i = treatment_i - control_i`` is the unit of
-analysis; the average treatment effect (ATE) is their mean. Seed counts are small (3-10), so the
+analysis; the average treatment effect (ATE) is their mean. (``memstate.Experiment`` passes the
+memory-kept arm first, so its effects are memory kept minus memory perturbed, the seed's sign:
+docs/experiments.md.) Seed counts are small (3-10), so the
 defaults follow the measured coverage of nominal 95% intervals at n = 5 with normal differences
 (DESIGN.md, "Statistics defaults"; re-measured by ``tests/test_stats.py``)::
 
