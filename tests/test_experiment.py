@@ -247,3 +247,29 @@ def test_resume_refuses_seed_files_of_another_configuration(tmp_path):
     other = Experiment("digits", "reset_momentum", t0=4, horizon=8, seeds=2, window=3, aa_check=False)
     with pytest.raises(ConfigError, match="seed_0.json belongs to a different configuration"):
         other.run(out_dir=out, resume=True)
+
+
+def test_n5_effect_with_small_p_t_is_significant_after_holm_over_3_metrics():
+    """Regression: Holm used to adjust the sign-flip p (floor 0.0625 at n = 5), so p_holm was
+    >= 0.19 whatever the data. Synthetic per-seed values through the real result pipeline."""
+    from memstate.experiment import ExperimentResult
+
+    cfg = Experiment("digits", "reset_momentum", t0=30, horizon=120, seeds=5, aa_check=False).config()
+    kept = {"accuracy": [0.95, 0.94, 0.96, 0.93, 0.95], "loss": [0.20, 0.22, 0.19, 0.25, 0.21],
+            "ece": [0.03, 0.04, 0.02, 0.05, 0.03]}
+    shift = {"accuracy": [0.010, 0.012, 0.011, 0.009, 0.010], "loss": [-0.03, -0.02, 0.01, -0.04, 0.0],
+             "ece": [0.0, 0.01, -0.01, 0.0, 0.005]}
+    records = []
+    for i in range(5):
+        c = {m: kept[m][i] for m in kept}
+        t = {m: kept[m][i] - shift[m][i] for m in kept}
+        records.append({"seed": i, "probe_points": {"early": 44, "final": 120}, "contract_violations": [],
+                        "arms": {"control": {"probes": {"44": c, "120": c}},
+                                 "treatment": {"probes": {"44": t, "120": t}}}})
+    result = ExperimentResult(cfg, records)
+    acc = result.ate["accuracy"]
+    assert acc.n_pos == 5 and acc.p_t < 0.01 and acc.p_signflip == 0.0625
+    assert result.holm["accuracy"] < 0.05  # 3 tests: 3 * p_t at most
+    assert result.results_json()["tables"]["final"]["tests"] == 3
+    row = [line for line in result.table().splitlines() if line.startswith("accuracy")][0]
+    assert "*" in row  # marked significant
