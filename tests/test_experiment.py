@@ -1,6 +1,5 @@
 """Branch-and-hold runner, protocol cards, replay and the CLI, on the quick built-in tasks."""
 import json
-import os
 
 import pytest
 
