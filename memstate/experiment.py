@@ -320,11 +320,10 @@ class Experiment:
         out = {}
         for n in self.primitives:
             p = self.params_by_name[n]
-            try:
-                _perturb.get(n).check(state, **p)
-                w = self.windows[n] or _perturb.get(n).default_window(state, **p)
+            try:  # every check apply() makes (e.g. order windows that would change an epoch's ids)
+                w = _perturb.get(n).check_window(state, self.windows[n], **p)
             except _perturb.PerturbationError as e:
-                raise ConfigError(f"perturbation {n} does not apply to task {self.task.name}: {e}") from None
+                raise ConfigError(f"perturbation {n} cannot be applied to task {self.task.name} at t0={self.t0}: {e}") from None
             if self.t0 + w > self.horizon:
                 raise ConfigError(f"the default window of {n} ({w} steps from t0={self.t0}) ends after the horizon "
                                   f"{self.horizon}; give a shorter window or a later horizon")

@@ -56,7 +56,8 @@ MISTAKES = [
     ('seeds = "three"\n', "seeds must be a count"),
     ("seeds = [\n", "is not valid TOML"),
     ('task_options = { nope = 1 }\n', "unknown option(s) nope"),
-    ('perturbation = "reset_teacher"\nt0 = 2\nhorizon = 6\n', "reset_teacher does not apply to task digits"),
+    ('perturbation = "reset_teacher"\nt0 = 2\nhorizon = 6\n', "reset_teacher cannot be applied to task digits"),
+    ('perturbation = "order_window_swap"\nwindow = 30\n', "crosses the epoch boundary at step 44"),
     ('colour = "red"\n', "unknown key(s) colour"),
     ('t0 = 50\nhorizon = 10\n', "t0 < horizon"),
 ]
