@@ -83,8 +83,8 @@ def test_cuda_on_a_cpu_only_torch_is_a_clean_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_quick_has_its_own_directory_and_runs_are_never_overwritten(tmp_path, capsys):
-    os.chdir(tmp_path)
+def test_quick_has_its_own_directory_and_runs_are_never_overwritten(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # restored afterwards: later subprocess tests import from the cwd
     # the main job's directory holds a run: --quick must not touch it
     main_dir = tmp_path / "runs" / "digits-reset_momentum"
     assert main(["run", "--out", str(main_dir)] + SMALL) == 0
