@@ -1,58 +1,89 @@
 """Protocol cards: a versioned JSON record of an experiment that anyone can audit and replay.
 
-Schema ``memstate.card`` version 1 (every key always present)::
+Schema ``memstate.card`` version 2 (every key always present)::
 
     card_format         "memstate.card"
-    card_version        1
+    card_version        2
     created             ISO 8601 UTC time
     environment         memstate, torch, CUDA and Python versions, device names, CPU ISA,
                         thread count, determinism settings
     config              task, task_options, perturbation, perturbation_params, t0, window
-                        (as given; null = the primitive's default rule), horizon, seeds,
-                        metrics, aa_check, device
-    seeds               one record per seed:
-        seed, window    the seed and the window length actually used
-        order_hashes    epoch -> xxh3 of that epoch's batch ids (int64 LE)
-        arms            control / treatment / aa:
+                        (as given; null = each primitive's default rule), horizon, seeds,
+                        metrics, aa_check, device, threads, estimand, probe_every, baseline,
+                        and what follows from them: arms, arm_labels, estimands (name,
+                        control and treatment labels, text), higher_is_better per metric
+    seeds               one record per seed, in config order:
+        seed, config_hash          the seed, and the hash of the configuration that made it
+        window, windows            the hold window (longest factor window) and each factor's
+        probe_points               {"early": t0 + window, "final": horizon}
+        order_hashes               epoch -> xxh3 of that epoch's batch ids (int64 LE)
+        arms                       control, treatment (or A, B, AB, ...), butterfly, aa:
+            label                        the estimand's label of the arm (e.g. carry, rr)
             losses, digests              per step t0 .. horizon-1 (state digest after the step)
             checkpoints                  "t0" (after the perturbation), "window_end", "end":
                                          per-tensor msfp1 fingerprints, dtype and shape
             checkpoint_digests           digest of each checkpoint
-            metrics                      probe metrics at the horizon
+            metrics, probes              probe metrics at the horizon; str(step) -> metrics
+                                         at every probe step (early, final, every K)
             window_hash                  batch ids of the hold window
             rng_window_hash, rng_window_log   RNG consumption during the hold window
-            perturbation                 what was applied (name, params, window, changed entries)
-        divergence      param_l2 per step (treatment vs control), prediction_disagreement
-        aa              A/A report: identical, or the first step / tensors that differ
-        contract_violations   hold-window or RNG-contract differences (empty when clean)
-    results             per metric: the paired ATE (memstate.stats.PairedATE.to_dict()) and
-                        its Holm-adjusted sign-flip p-value
+            perturbation                 what was applied (name, params, window, changed
+                                         entries; the butterfly arm names its tensor)
+        divergence                 per arm other than control: param_l2 per step, and the
+                                   probe prediction disagreement per probe step
+        aa                         A/A report: identical, or the first step / tensors
+        contract_violations        hold-window or RNG-contract differences (empty when clean)
+    results             sign convention, effect definitions, and per probe point ("final",
+                        "early" when the window ends before the horizon): every effect x
+                        metric row (memstate.stats.PairedATE.to_dict() and the Holm-adjusted
+                        paired t p-value), the number of tests Holm covered, notes
     card_xxh3_128       xxh3-128 over the canonical JSON (sorted keys) of everything else
 
-``replay(card)`` re-runs the experiment from ``config`` and compares every recorded per-step
-digest and checkpoint fingerprint, naming the first mismatch (seed, arm, step, tensor).
+The checksum detects accidents (a truncated copy, an edit by mistake), not forgery: it is
+unkeyed, so anyone can recompute it. ``replay`` is the verification: it re-runs the
+experiment and compares, exactly, every fingerprint, per-step loss, probe metric,
+divergence and disagreement value of every seed, then recomputes the statistics from the
+replayed values and compares them with the card's tables, naming the first mismatch.
+
+``read_card`` raises ``CardError`` (one line, naming the problem) for anything that is not a
+valid card: unreadable or non-UTF-8 bytes, malformed or too deeply nested JSON, NaN
+constants, a checksum mismatch, a missing or extra key, a wrong type, seeds that do not match
+the configuration, or a configuration this memstate refuses.
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
-from typing import List, Optional
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 import xxhash
 
 CARD_FORMAT = "memstate.card"
-CARD_VERSION = 1
+CARD_VERSION = 2
+#: Deepest JSON nesting a card may have (a real card is about 10 deep).
+MAX_DEPTH = 32
+#: Largest card file read (bytes).
+MAX_BYTES = 512 * 2 ** 20
+
+__all__ = ["CardError", "make_card", "write_card", "read_card", "loads_card", "validate_card", "checksum", "replay", "compare_seed",
+           "experiment_from_card", "CARD_FORMAT", "CARD_VERSION"]
 
 
 class CardError(ValueError):
-    """An unreadable, tampered or unsupported protocol card."""
+    """An unreadable, tampered, invalid or unsupported protocol card."""
 
 
 def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def checksum(card: dict) -> str:
+    """The card's xxh3-128 over everything but ``card_xxh3_128`` (unkeyed: detects accidents)."""
+    return xxhash.xxh3_128_hexdigest(_canonical({k: v for k, v in card.items() if k != "card_xxh3_128"}))
 
 
 def environment() -> dict:
@@ -83,9 +114,9 @@ def make_card(result) -> dict:
         "environment": environment(),
         "config": result.config,
         "seeds": result.records,
-        "results": {m: {"ate": a.to_dict(), "p_holm": result.holm[m]} for m, a in result.ate.items()},
+        "results": result.results_json(),
     }
-    card["card_xxh3_128"] = xxhash.xxh3_128_hexdigest(_canonical(card))
+    card["card_xxh3_128"] = checksum(card)
     return card
 
 
@@ -98,21 +129,280 @@ def write_card(card: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _reject_constant(name):
+    raise ValueError(f"the JSON constant {name} is not allowed in a card")
+
+
 def read_card(path: str) -> dict:
+    """Reads, checks the checksum of, and validates a card (``CardError`` otherwise)."""
     try:
-        with open(path) as f:
-            card = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CardError(f"{path}: cannot read a protocol card ({e})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        raise CardError(f"{path}: cannot read ({e.strerror or e})") from None
+    return loads_card(raw, path)
+
+
+def loads_card(raw: bytes, where: str = "card") -> dict:
+    """``read_card`` for bytes already in memory."""
+    if len(raw) > MAX_BYTES:
+        raise CardError(f"{where}: larger than {MAX_BYTES} bytes, not a card")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CardError(f"{where}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    try:
+        card = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise CardError(f"{where}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise CardError(f"{where}: malformed JSON ({e})") from None
+    return validate_card(card, where)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+class _V:
+    """Small schema checker: every failure is a CardError naming the JSON path."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, what: str):
+        raise CardError(f"{self.where}: {path}: {what}")
+
+    def obj(self, v, path, keys: Iterable[str] = None, optional: Iterable[str] = ()) -> dict:
+        if not isinstance(v, dict):
+            self.fail(path, f"expected an object, got {_tname(v)}")
+        if keys is not None:
+            keys, optional = set(keys), set(optional)
+            missing = sorted(keys - set(v))
+            if missing:
+                self.fail(path, f"missing key(s) {', '.join(missing)}")
+            extra = sorted(set(v) - keys - optional)
+            if extra:
+                self.fail(path, f"unexpected key(s) {', '.join(map(str, extra))}")
+        return v
+
+    def lst(self, v, path, n: Optional[int] = None) -> list:
+        if not isinstance(v, list):
+            self.fail(path, f"expected a list, got {_tname(v)}")
+        if n is not None and len(v) != n:
+            self.fail(path, f"expected {n} entries, got {len(v)}")
+        return v
+
+    def num(self, v, path, none_ok=False):
+        if v is None and none_ok:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(path, f"expected a number, got {v!r}"[:200])
+        return v
+
+    def int_(self, v, path, none_ok=False):
+        if v is None and none_ok:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(path, f"expected an integer, got {v!r}"[:200])
+        return v
+
+    def str_(self, v, path, none_ok=False):
+        if v is None and none_ok:
+            return v
+        if not isinstance(v, str):
+            self.fail(path, f"expected a string, got {v!r}"[:200])
+        return v
+
+    def nums(self, v, path, n=None):
+        for i, x in enumerate(self.lst(v, path, n)):
+            self.num(x, f"{path}[{i}]")
+
+    def strs(self, v, path, n=None):
+        for i, x in enumerate(self.lst(v, path, n)):
+            self.str_(x, f"{path}[{i}]")
+
+    def metrics(self, v, path, names):
+        self.obj(v, path, names)
+        for m in names:
+            self.num(v[m], f"{path}.{m}")
+
+
+def _tname(v) -> str:
+    return "null" if v is None else {dict: "object", list: "list", str: "string", bool: "boolean"}.get(
+        type(v), type(v).__name__)
+
+
+def _depth(obj) -> int:
+    """Nesting depth, iteratively (no recursion on hostile input)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_DEPTH:
+            return deepest
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
+TOP_KEYS = ("card_format", "card_version", "created", "environment", "config", "seeds", "results", "card_xxh3_128")
+ARM_KEYS = ("arm", "label", "losses", "digests", "checkpoints", "checkpoint_digests", "metrics", "probes",
+            "window_hash", "rng_window_hash", "rng_window_log", "perturbation")
+SEED_KEYS = ("seed", "config_hash", "window", "windows", "probe_points", "order_hashes", "arms", "divergence",
+             "contract_violations")
+
+
+def validate_card(card: Any, where: str = "card") -> dict:
+    """Checks a parsed card: format, version, checksum, then every key and type that memstate
+    reads (``CardError`` naming the first problem). Returns the card."""
+    v = _V(where)
     if not isinstance(card, dict) or card.get("card_format") != CARD_FORMAT:
-        raise CardError(f"{path}: not a {CARD_FORMAT} file")
+        raise CardError(f"{where}: not a {CARD_FORMAT} file")
     if card.get("card_version") != CARD_VERSION:
-        raise CardError(f"{path}: card version {card.get('card_version')}, this memstate reads {CARD_VERSION}")
-    claimed = card.pop("card_xxh3_128", None)
-    if claimed != xxhash.xxh3_128_hexdigest(_canonical(card)):
-        raise CardError(f"{path}: card checksum mismatch (the card was modified after it was written)")
-    card["card_xxh3_128"] = claimed
+        raise CardError(f"{where}: card version {card.get('card_version')!r}, this memstate reads {CARD_VERSION}")
+    if _depth(card) > MAX_DEPTH:
+        raise CardError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels, not a card")
+    v.obj(card, "card", TOP_KEYS)
+    if card["card_xxh3_128"] != checksum(card):
+        raise CardError(f"{where}: card checksum mismatch (the card was modified after it was written)")
+    v.str_(card["created"], "created")
+    v.obj(card["environment"], "environment")
+    exp = _validate_config(v, card["config"])
+    _validate_seeds(v, card["seeds"], exp)
+    _validate_results(v, card["results"], exp)
     return card
+
+
+CONFIG_KEYS = ("task", "task_options", "perturbation", "perturbation_params", "t0", "window", "horizon", "seeds",
+               "metrics", "aa_check", "device", "threads", "estimand", "probe_every", "baseline", "arms",
+               "arm_labels", "estimands", "higher_is_better")
+
+
+def _validate_config(v: _V, c):
+    from memstate.experiment import ConfigError
+
+    v.obj(c, "config", CONFIG_KEYS)
+    try:
+        exp = experiment_from_card({"config": c})
+    except ConfigError as e:
+        v.fail("config", str(e))
+    except (TypeError, ValueError, KeyError) as e:  # a value of a type the constructor never expects
+        v.fail("config", f"invalid ({type(e).__name__}: {e})")
+    derived = exp.config()
+    for key in CONFIG_KEYS:
+        if _canonical(derived[key]) != _canonical(c[key]):
+            v.fail(f"config.{key}", f"{c[key]!r} does not match what this configuration gives "
+                                    f"({derived[key]!r})"[:300])
+    return exp
+
+
+def expected_arms(exp) -> List[str]:
+    return list(exp.arms) + ([exp.baseline] if exp.baseline else []) + (["aa"] if exp.aa_check else [])
+
+
+def _validate_seeds(v: _V, seeds, exp) -> None:
+    v.lst(seeds, "seeds")
+    got = [s.get("seed") if isinstance(s, dict) else None for s in seeds]
+    for s in exp.seeds:
+        if s not in got:
+            v.fail("seeds", f"no record for seed {s} of the configuration's seeds {exp.seeds}")
+    if got != exp.seeds:
+        v.fail("seeds", f"records for seeds {got}, the configuration lists {exp.seeds}")
+    steps = exp.horizon - exp.t0
+    arms = expected_arms(exp)
+    for i, r in enumerate(seeds):
+        p = f"seeds[{i}]"
+        v.obj(r, p, SEED_KEYS + (("aa",) if exp.aa_check else ()))
+        if exp.aa_check:
+            v.obj(r.get("aa"), f"{p}.aa")
+            if not isinstance(r["aa"].get("identical"), bool):
+                v.fail(f"{p}.aa.identical", "expected true or false")
+        v.str_(r["config_hash"], f"{p}.config_hash")
+        v.int_(r["window"], f"{p}.window")
+        v.obj(r["windows"], f"{p}.windows", exp.primitives)
+        for n in exp.primitives:
+            v.int_(r["windows"][n], f"{p}.windows.{n}")
+        pp = v.obj(r["probe_points"], f"{p}.probe_points", ("early", "final"))
+        v.int_(pp["early"], f"{p}.probe_points.early")
+        v.int_(pp["final"], f"{p}.probe_points.final")
+        v.obj(r["order_hashes"], f"{p}.order_hashes")
+        v.strs(r["contract_violations"], f"{p}.contract_violations")
+        v.obj(r["arms"], f"{p}.arms", arms)
+        for arm in arms:
+            a = v.obj(r["arms"][arm], f"{p}.arms.{arm}", ARM_KEYS)
+            ap = f"{p}.arms.{arm}"
+            v.str_(a["label"], f"{ap}.label")
+            v.nums(a["losses"], f"{ap}.losses", steps)
+            v.strs(a["digests"], f"{ap}.digests", steps)
+            cps = v.obj(a["checkpoints"], f"{ap}.checkpoints", ("t0", "window_end", "end"))
+            for name, cp in cps.items():
+                v.obj(cp, f"{ap}.checkpoints.{name}")
+            cds = v.obj(a["checkpoint_digests"], f"{ap}.checkpoint_digests", ("t0", "window_end", "end"))
+            for name, d in cds.items():
+                v.str_(d, f"{ap}.checkpoint_digests.{name}")
+            v.metrics(a["metrics"], f"{ap}.metrics", exp.metrics)
+            probes = v.obj(a["probes"], f"{ap}.probes")
+            for step in (pp["early"], pp["final"]):
+                if str(step) not in probes:
+                    v.fail(f"{ap}.probes", f"no probe at step {step}")
+            for step, m in probes.items():
+                v.metrics(m, f"{ap}.probes.{step}", exp.metrics)
+            v.str_(a["window_hash"], f"{ap}.window_hash")
+            v.str_(a["rng_window_hash"], f"{ap}.rng_window_hash")
+            v.lst(a["rng_window_log"], f"{ap}.rng_window_log")
+            if a["perturbation"] is not None:
+                v.lst(a["perturbation"], f"{ap}.perturbation")
+        v.obj(r["divergence"], f"{p}.divergence", [a for a in arms if a != "control"])
+        for arm, d in r["divergence"].items():
+            dp = f"{p}.divergence.{arm}"
+            v.obj(d, dp, ("param_l2", "prediction_disagreement"))
+            v.nums(d["param_l2"], f"{dp}.param_l2", steps)
+            dis = v.obj(d["prediction_disagreement"], f"{dp}.prediction_disagreement")
+            for step, x in dis.items():
+                v.num(x, f"{dp}.prediction_disagreement.{step}")
+
+
+def _validate_results(v: _V, res, exp) -> None:
+    from memstate.stats import PairedATE
+
+    v.obj(res, "results", ("sign", "effects", "tables"))
+    v.str_(res["sign"], "results.sign")
+    effects = v.obj(res["effects"], "results.effects")
+    for name, e in effects.items():
+        v.obj(e, f"results.effects.{name}", ("text", "plus", "minus", "scale"))
+        v.str_(e["text"], f"results.effects.{name}.text")
+    tables = v.obj(res["tables"], "results.tables")
+    if "final" not in tables or not set(tables) <= {"early", "final"}:
+        v.fail("results.tables", f"expected 'final' (and 'early'), got {sorted(tables)}")
+    for point, t in tables.items():
+        tp = f"results.tables.{point}"
+        v.obj(t, tp, ("steps", "tests", "level", "method", "rows", "notes"))
+        v.lst(t["steps"], f"{tp}.steps")
+        v.int_(t["tests"], f"{tp}.tests")
+        v.num(t["level"], f"{tp}.level")
+        v.str_(t["method"], f"{tp}.method")
+        v.strs(t["notes"], f"{tp}.notes")
+        rows = v.obj(t["rows"], f"{tp}.rows")
+        if not rows:
+            v.fail(f"{tp}.rows", "no rows")
+        for key, row in rows.items():
+            rp = f"{tp}.rows.{key}"
+            v.obj(row, rp, ("effect", "metric", "ate", "p_holm"))
+            v.str_(row["effect"], f"{rp}.effect")
+            if row["metric"] not in exp.metrics:
+                v.fail(f"{rp}.metric", f"{row['metric']!r} is not one of the configured metrics")
+            v.num(row["p_holm"], f"{rp}.p_holm", none_ok=True)
+            try:
+                PairedATE.from_dict(row["ate"])
+            except ValueError as e:
+                v.fail(f"{rp}.ate", str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# replay
 
 
 def experiment_from_card(card: dict, progress: bool = False):
@@ -122,15 +412,17 @@ def experiment_from_card(card: dict, progress: bool = False):
     return Experiment(c["task"], c["perturbation"], t0=c["t0"], window=c["window"], horizon=c["horizon"],
                       seeds=c["seeds"], metrics=c["metrics"], aa_check=c["aa_check"],
                       perturbation_params=c["perturbation_params"], task_options=c["task_options"],
-                      device=c["device"], threads=c.get("threads", 1), estimand=c.get("estimand", "treatment"),
-                      progress=progress)
+                      device=c["device"], threads=c["threads"], estimand=c["estimand"],
+                      probe_every=c["probe_every"], baseline=c["baseline"], progress=progress)
 
 
-def compare_seed(recorded: dict, fresh: dict) -> Optional[str]:
-    """The first mismatch between a recorded and a re-run seed record, or None."""
+def compare_seed(recorded: dict, fresh: dict, t0: int = 0) -> Optional[str]:
+    """The first mismatch between a recorded and a re-run seed record, or None.
+
+    Fingerprints first (naming seed, arm, step and tensor), then every other recorded value
+    exactly (losses, probe metrics, divergence, disagreement, hashes, ...), naming its path.
+    ``t0`` turns per-step list positions into step numbers in the message."""
     seed = recorded["seed"]
-    if recorded["window"] != fresh["window"]:
-        return f"seed {seed}: window {fresh['window']} != recorded {recorded['window']}"
     for arm, rec in recorded["arms"].items():
         new = fresh["arms"].get(arm)
         if new is None:
@@ -144,31 +436,98 @@ def compare_seed(recorded: dict, fresh: dict) -> Optional[str]:
                 # name tensors from the first checkpoint after the step that differs
                 tensors = _differing(cps.get("window_end", {}), new_cps.get("window_end", {})) or \
                     _differing(cps.get("end", {}), new_cps.get("end", {}))
-                return (f"seed {seed}, arm {arm}, step {i} after t0: state digest differs"
+                return (f"seed {seed}, arm {arm}, step {t0 + i} ({i} after t0): state digest differs"
                         + (f"; differing tensor(s): {', '.join(tensors[:5])}" if tensors else ""))
         for name in ("t0", "window_end", "end"):
             d = _differing(cps.get(name, {}), new["checkpoints"].get(name, {}))
             if d:
                 return f"seed {seed}, arm {arm}, checkpoint {name}: tensor(s) {', '.join(d[:5])}"
-        if rec["window_hash"] != new["window_hash"]:
-            return f"seed {seed}, arm {arm}: hold-window batch ids differ"
-        if rec["rng_window_hash"] != new["rng_window_hash"]:
-            return f"seed {seed}, arm {arm}: hold-window RNG consumption differs"
+    diff = first_difference(recorded, fresh)
+    if diff:
+        return f"seed {seed}, {_describe(diff, t0)}"
     return None
+
+
+def first_difference(recorded, fresh, path: Sequence = ()) -> Optional[tuple]:
+    """(path, recorded value, fresh value) of the first difference, depth first; exact."""
+    if isinstance(recorded, dict) and isinstance(fresh, dict):
+        for k in list(recorded) + [k for k in fresh if k not in recorded]:
+            if k not in fresh or k not in recorded:
+                return (tuple(path) + (k,), recorded.get(k, "<absent>"), fresh.get(k, "<absent>"))
+            d = first_difference(recorded[k], fresh[k], tuple(path) + (k,))
+            if d:
+                return d
+        return None
+    if isinstance(recorded, list) and isinstance(fresh, list):
+        for i, (a, b) in enumerate(zip(recorded, fresh)):
+            d = first_difference(a, b, tuple(path) + (i,))
+            if d:
+                return d
+        if len(recorded) != len(fresh):
+            return (tuple(path) + ("length",), len(recorded), len(fresh))
+        return None
+    if type(recorded) is not type(fresh) and not (isinstance(recorded, (int, float)) and isinstance(
+            fresh, (int, float)) and not isinstance(recorded, bool) and not isinstance(fresh, bool)):
+        return (tuple(path), recorded, fresh)
+    return None if recorded == fresh else (tuple(path), recorded, fresh)
+
+
+_STEP_LISTS = ("losses", "digests", "param_l2")
+
+
+def _describe(diff: tuple, t0: int) -> str:
+    path, old, new = diff
+    parts = list(path)
+    where = []
+    if len(parts) >= 2 and parts[0] in ("arms", "divergence"):
+        where.append(f"arm {parts[1]}" if parts[0] == "arms" else f"divergence of arm {parts[1]}")
+        parts = parts[2:]
+    if len(parts) == 2 and parts[0] in _STEP_LISTS and isinstance(parts[1], int):
+        where.append(f"step {t0 + parts[1]}")
+    if len(parts) == 3 and parts[0] in ("probes", "prediction_disagreement") or \
+            (len(parts) == 2 and parts[0] in ("probes", "prediction_disagreement")):
+        where.append(f"probe after step {parts[1]}")
+    name = ".".join(str(p) for p in parts)
+    if parts and parts[0] in ("metrics", "probes"):
+        name = f"metric {parts[-1]}"
+    return (", ".join(where + [name]) + f": recorded {_short(old)}, replay gives {_short(new)}")
+
+
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def _differing(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def replay(card: dict, progress: bool = False) -> Optional[str]:
-    """Re-runs the card's experiment and returns the first mismatch, or None if every recorded
-    fingerprint matched."""
+def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = None) -> Optional[str]:
+    """Re-runs the card's experiment and returns the first mismatch, or None if everything the
+    card records matched: every seed record (fingerprints, losses, probe metrics, divergence,
+    disagreement, hashes), then the statistics recomputed from the replayed records against
+    the card's ``results``. ``seeds``: replay only these (the statistics check, which needs
+    every seed, is then skipped; the CLI says so)."""
+    from memstate.experiment import ExperimentResult
+
     exp = experiment_from_card(card, progress=progress)
     recorded = {r["seed"]: r for r in card["seeds"]}
-    for seed in exp.seeds:
-        fresh = exp.run_seed(seed)
-        problem = compare_seed(recorded[seed], fresh)
+    chosen = list(exp.seeds) if seeds is None else list(seeds)
+    for s in chosen:
+        if s not in recorded:
+            raise CardError(f"seed {s} is not in the card (its seeds: {exp.seeds})")
+    fresh = []
+    for seed in chosen:
+        rec = exp.run_seed(seed)
+        problem = compare_seed(recorded[seed], rec, exp.t0)
         if problem:
             return problem
+        fresh.append(rec)
+    if seeds is None:
+        recomputed = json.loads(json.dumps(ExperimentResult(exp.config(), fresh).results_json()))
+        diff = first_difference(card["results"], recomputed)
+        if diff:
+            path, old, new = diff
+            return (f"statistics: results.{'.'.join(str(p) for p in path)}: card says {_short(old)}, "
+                    f"recomputed from the replayed seeds {_short(new)}")
     return None

@@ -115,10 +115,23 @@ def cmd_demo(args) -> int:
     return 0 if first == second else 1
 
 
+#: Keys of a run configuration (TOML file or flags) and their defaults: the main job is the
+#: digits task, a momentum reset at step 30 held for its default window, 5 seeds.
 RUN_DEFAULTS = {"task": "digits", "perturbation": "reset_momentum", "seeds": 5, "t0": 30, "window": None,
                 "horizon": 120, "device": "cpu", "metrics": None, "perturbation_params": {}, "task_options": {},
-                "estimand": "treatment"}
+                "estimand": "treatment", "probe_every": None, "baseline": "butterfly", "aa_check": True,
+                "threads": 1}
 QUICK = {"seeds": 3, "t0": 8, "horizon": 30}
+#: Flags that set a configuration key (``--probe-every`` sets probe_every).
+CONFIG_FLAGS = ("task", "perturbation", "seeds", "t0", "window", "horizon", "device", "estimand", "probe_every",
+                "baseline", "threads")
+#: Files a run writes into its directory (what --force replaces).
+RUN_FILES = ("run.json", "card.json", "results.csv", "report.html")
+RUN_MARKER = "run.json"
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line on stderr, exit code 2, nothing created."""
 
 
 def _run_config(args) -> dict:
@@ -126,48 +139,157 @@ def _run_config(args) -> dict:
     if args.config:
         import tomllib
 
-        with open(args.config, "rb") as f:
-            loaded = tomllib.load(f)
+        try:
+            with open(args.config, "rb") as f:
+                loaded = tomllib.load(f)
+        except OSError as e:
+            raise UsageError(f"cannot read {args.config}: {e.strerror or e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{args.config} is not valid TOML: {e}") from None
         unknown = sorted(set(loaded) - set(RUN_DEFAULTS))
         if unknown:
-            raise SystemExit(f"memstate run: unknown key(s) {unknown} in {args.config}; valid: {', '.join(RUN_DEFAULTS)}")
+            raise UsageError(f"unknown key(s) {', '.join(unknown)} in {args.config}; valid: {', '.join(RUN_DEFAULTS)}")
         cfg.update(loaded)
     if args.quick:
         cfg.update(QUICK)
-    for key in ("task", "perturbation", "seeds", "t0", "window", "horizon", "device", "estimand"):
+    for key in CONFIG_FLAGS:
         v = getattr(args, key, None)
         if v is not None:
             cfg[key] = v
+    if cfg["baseline"] == "none":
+        cfg["baseline"] = None
     return cfg
+
+
+def _explicit_config(args) -> dict:
+    """Only the configuration keys the user gave (TOML keys, --quick's, flags), resolved."""
+    full = _run_config(args)
+    keys = set()
+    if args.config:
+        import tomllib
+
+        with open(args.config, "rb") as f:  # readable: _run_config above succeeded
+            keys |= set(tomllib.load(f))
+    if args.quick:
+        keys |= set(QUICK)
+    keys |= {k for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
+    return {k: full[k] for k in keys}
+
+
+def _experiment(cfg: dict, progress: bool):
+    from memstate.experiment import Experiment
+
+    return Experiment(cfg["task"], cfg["perturbation"], t0=cfg["t0"], window=cfg["window"], horizon=cfg["horizon"],
+                      seeds=cfg["seeds"], metrics=cfg["metrics"], perturbation_params=cfg["perturbation_params"],
+                      task_options=cfg["task_options"], device=cfg["device"], estimand=cfg["estimand"],
+                      probe_every=cfg["probe_every"], baseline=cfg["baseline"], aa_check=cfg["aa_check"],
+                      threads=cfg["threads"], progress=progress)
+
+
+def _saved_run(out: str) -> Optional[dict]:
+    """The run.json of a run directory (None if there is none); UsageError if unreadable."""
+    import json
+
+    path = os.path.join(out, RUN_MARKER)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            saved = json.loads(f.read().decode("utf-8"))
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("no config in it")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"{path} is unreadable ({e}); use another --out, or --force to replace it") from None
+    return saved
+
+
+def _clear_run(out: str) -> None:
+    """Removes what a run writes (RUN_FILES, plots, seeds/) from ``out``; nothing else."""
+    import shutil
+
+    for name in os.listdir(out):
+        if name in RUN_FILES or (name.endswith(".png") and not os.path.isdir(os.path.join(out, name))):
+            os.remove(os.path.join(out, name))
+    if os.path.isdir(os.path.join(out, "seeds")):
+        shutil.rmtree(os.path.join(out, "seeds"))
+
+
+def _prepare_run(args):
+    """Configuration, experiment and output directory of ``memstate run``; every user mistake
+    raises UsageError or ConfigError before anything is created."""
+    from memstate.experiment import ConfigError
+
+    if args.resume:
+        if args.force:
+            raise UsageError("--resume continues a run and --force replaces it: give one of them")
+        saved = _saved_run(args.resume)
+        if saved is None:
+            raise UsageError(f"--resume {args.resume}: no run there ({RUN_MARKER} missing)")
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise UsageError("--resume DIR writes into DIR; do not give --out as well")
+        cfg = dict(RUN_DEFAULTS)
+        cfg.update(saved["config"])
+        asked = _explicit_config(args)
+        conflicts = sorted(k for k in asked if asked[k] != cfg.get(k))
+        if conflicts:
+            raise UsageError(f"--resume {args.resume}: the run there has "
+                             + ", ".join(f"{k}={cfg.get(k)!r}" for k in conflicts) + "; you asked for "
+                             + ", ".join(f"{k}={asked[k]!r}" for k in conflicts)
+                             + " (a resumed run keeps its directory's configuration; start a new run with --out)")
+        out = args.resume
+    else:
+        cfg = _run_config(args)
+        default = os.path.join("runs", f"{cfg['task']}-{cfg['perturbation']}" + ("-quick" if args.quick else ""))
+        out = args.out or default
+    exp = _experiment(cfg, progress=not args.no_progress)
+    if not args.resume and os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"{out} exists and is not a directory; choose another with --out")
+        saved = _saved_run(out) if not args.force else None
+        if os.listdir(out) and not args.force:
+            if saved is None:
+                raise UsageError(f"{out} is not empty and holds no memstate run; choose another directory with --out, "
+                                 f"or --force to write into it")
+            if saved.get("config_hash") != exp.config_hash():
+                raise UsageError(f"{out} holds a different run ({saved['config'].get('task')} / "
+                                 f"{saved['config'].get('perturbation')}, config hash {saved.get('config_hash')}); "
+                                 f"choose another directory with --out, or --force to replace it")
+    exp.preflight()
+    return cfg, exp, out
 
 
 def cmd_run(args) -> int:
     import json
 
     from memstate.card import make_card, write_card
-    from memstate.experiment import ConfigError, Experiment
+    from memstate.experiment import ConfigError, _atomic_json
     from memstate.report import write_report
 
-    cfg = _run_config(args)
-    out = args.resume or args.out or os.path.join("runs", f"{cfg['task']}-{cfg['perturbation']}")
     try:
-        exp = Experiment(cfg["task"], cfg["perturbation"], t0=cfg["t0"], window=cfg["window"], horizon=cfg["horizon"],
-                         seeds=cfg["seeds"], metrics=cfg["metrics"], perturbation_params=cfg["perturbation_params"],
-                         task_options=cfg["task_options"], device=cfg["device"], estimand=cfg["estimand"],
-                         progress=not args.no_progress)
-    except ConfigError as e:
+        cfg, exp, out = _prepare_run(args)
+    except (UsageError, ConfigError) as e:
         print(f"memstate run: {e}", file=sys.stderr)
         return 2
+    if args.force and os.path.isdir(out):
+        _clear_run(out)
     os.makedirs(out, exist_ok=True)
+    saved_cfg = {k: cfg[k] for k in RUN_DEFAULTS}
+    _atomic_json(os.path.join(out, RUN_MARKER), {"config": saved_cfg, "config_hash": exp.config_hash()})
     print(f"memstate run: {cfg['task']} / {cfg['perturbation']}, t0={cfg['t0']}, window={cfg['window'] or 'default'}, "
           f"horizon={cfg['horizon']}, seeds={exp.seeds} -> {out}")
     try:
         result = exp.run(out_dir=out, resume=bool(args.resume))
+    except ConfigError as e:
+        print(f"memstate run: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished seeds are in {out}/seeds; continue with --resume {out}", file=sys.stderr)
         return 130
-    print(result.table())
+    for point in list(result.tables)[::-1]:
+        print(result.table(point))
+        print()
     print("A/A check: " + ("bitwise identical at every step" if result.aa_identical else
+                           "not run" if result.aa_identical is None else
                            json.dumps([r["aa"] for r in result.records if not r["aa"]["identical"]])))
     if result.violations:
         print("contract violations:\n  " + "\n  ".join(result.violations))
@@ -178,20 +300,41 @@ def cmd_run(args) -> int:
     return 0 if (result.aa_identical is not False and not result.violations) else 1
 
 
+def _parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds takes a comma-separated list of seeds, e.g. 0,3; got {text!r}") from None
+    if not seeds:
+        raise UsageError("--seeds needs at least one seed")
+    return seeds
+
+
 def cmd_replay(args) -> int:
     from memstate.card import CardError, read_card, replay
 
     try:
         card = read_card(args.card)
-    except CardError as e:
+        seeds = _parse_seeds(args.seeds) if args.seeds else None
+        missing = [s for s in seeds or () if s not in card["config"]["seeds"]]
+        if missing:
+            raise UsageError(f"seed(s) {missing} are not in the card (its seeds: {card['config']['seeds']})")
+    except (CardError, UsageError) as e:
         print(f"memstate replay: {e}", file=sys.stderr)
         return 2
-    problem = replay(card, progress=not args.no_progress)
+    problem = replay(card, progress=not args.no_progress, seeds=seeds)
     if problem:
-        print(f"memstate replay: MISMATCH: {problem}")
+        print(f"memstate replay: FAIL: {problem}")
         return 1
-    n = sum(len(r["arms"]) for r in card["seeds"])
-    print(f"memstate replay: all recorded fingerprints match ({len(card['seeds'])} seeds, {n} arms)")
+    chosen = seeds or card["config"]["seeds"]
+    n = sum(len(r["arms"]) for r in card["seeds"] if r["seed"] in chosen)
+    print(f"memstate replay: PASS: every recorded fingerprint, loss, probe metric, divergence and disagreement "
+          f"matches ({len(chosen)} seeds, {n} arms)")
+    if seeds:
+        print(f"memstate replay: statistics check SKIPPED (only seeds {','.join(map(str, seeds))} were replayed; "
+              f"the tables need all {len(card['config']['seeds'])})")
+    else:
+        print("memstate replay: PASS: the statistics recomputed from the replayed seeds equal the card's tables")
     return 0
 
 
@@ -204,25 +347,40 @@ def cmd_report(args) -> int:
     except CardError as e:
         print(f"memstate report: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {write_report(card, args.out or os.path.dirname(os.path.abspath(args.card)))}")
+    out = args.out or os.path.dirname(os.path.abspath(args.card))
+    if os.path.isdir(out) and out.lower().endswith((".html", ".htm")):
+        print(f"memstate report: {out} is a directory; give a file name or another directory", file=sys.stderr)
+        return 2
+    print(f"wrote {write_report(card, out)}")
     return 0
 
 
 def cmd_verify(args) -> int:
     import torch
 
-    from memstate.experiment import Experiment
+    from memstate.experiment import ConfigError, Experiment
 
-    ok = True
-    exp = Experiment("digits", "null", t0=4, window=6, horizon=14, seeds=2, aa_check=True, device=args.device)
+    results = []
+
+    def check(name, ok, detail=""):
+        results.append(ok)
+        print(f"{'PASS' if ok else 'FAIL'}  {name}" + (f" ({detail})" if detail else ""))
+
+    try:
+        exp = Experiment("digits", "null", t0=4, window=6, horizon=14, seeds=2, aa_check=True, device=args.device)
+    except ConfigError as e:
+        print(f"memstate verify: {e}", file=sys.stderr)
+        return 2
     result = exp.run()
     for r in result.records:
         c, t = r["arms"]["control"], r["arms"]["treatment"]
-        same_ids = c["window_hash"] == t["window_hash"] == r["arms"]["aa"]["window_hash"]
-        zero_div = max(r["divergence"]["param_l2"]) == 0.0 and c["digests"] == t["digests"]
-        print(f"seed {r['seed']}: hold-window batch ids identical: {same_ids}; A/A arms bitwise identical at "
-              f"every step: {r['aa']['identical'] and zero_div}; RNG streams identical: {not r['contract_violations']}")
-        ok &= same_ids and zero_div and r["aa"]["identical"] and not r["contract_violations"]
+        check(f"seed {r['seed']}: hold-window batch ids identical in every arm",
+              c["window_hash"] == t["window_hash"] == r["arms"]["aa"]["window_hash"])
+        check(f"seed {r['seed']}: null and A/A arms bitwise identical to control at every step",
+              r["aa"]["identical"] and max(r["divergence"]["treatment"]["param_l2"]) == 0.0
+              and c["digests"] == t["digests"])
+        check(f"seed {r['seed']}: RNG streams identical", not r["contract_violations"],
+              "; ".join(r["contract_violations"]))
     if torch.cuda.is_available():
         import memstate
 
@@ -240,11 +398,32 @@ def cmd_verify(args) -> int:
                         p.grad = gr.to(dev)
                     opt.step()
                 res.append(memstate.fingerprint_state(opt).digest + memstate.fingerprint_state({"p": {str(i): p for i, p in enumerate(params)}}).digest)
-            same = res[0] == res[1]
-            print(f"{name}: CPU == CUDA bitwise over 20 steps: {same}")
-            ok &= same
+            check(f"{name}: CPU == CUDA bitwise over 20 steps", res[0] == res[1])
+    else:
+        print("SKIPPED  CPU == CUDA optimizer steps (no CUDA device visible to this torch)")
+    ok = all(results)
     print("verify: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,32 +431,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, build, devices, determinism settings").set_defaults(func=cmd_info)
     sub.add_parser("demo", help="a short tour of fingerprints, optimizers and snapshots").set_defaults(func=cmd_demo)
-    r = sub.add_parser("run", help="run a seed-paired branch-and-hold experiment (default: digits, momentum reset, 5 seeds)")
-    r.add_argument("config", nargs="?", help="a TOML file with any of: " + ", ".join(RUN_DEFAULTS))
-    r.add_argument("--task")
-    r.add_argument("--perturbation", help="a primitive, or A+B for a 2x2 factorial design")
+    r = sub.add_parser("run", help="run a seed-paired branch-and-hold experiment (default: digits, momentum reset, "
+                                   "5 seeds)",
+                       description="Runs a seed-paired branch-and-hold experiment and writes card.json, results.csv "
+                                   "and report.html. Flags override the TOML config; the TOML keys are: "
+                                   + ", ".join(RUN_DEFAULTS) + ".")
+    r.add_argument("config", nargs="?", help="a TOML file with any of the keys: " + ", ".join(RUN_DEFAULTS))
+    r.add_argument("--task", help="built-in task: digits, teacher or ema_queue (default digits)")
+    r.add_argument("--perturbation", help="a primitive (memstate.perturb.names()), or A+B / A+B+C for a 2^k "
+                                          "factorial design (default reset_momentum)")
     r.add_argument("--estimand", choices=["treatment", "order"],
-                   help="order: ATE_order = E[M(rr) - M(wr)] (perturbation policy_switch, t0 0, window = horizon)")
-    r.add_argument("--seeds", type=int)
-    r.add_argument("--t0", type=int)
-    r.add_argument("--window", type=int)
-    r.add_argument("--horizon", type=int)
-    r.add_argument("--device", choices=["cpu", "cuda"])
-    r.add_argument("--out", help="output directory (default runs/TASK-PERTURBATION)")
-    r.add_argument("--quick", action="store_true", help="3 seeds, short horizon (well under 30 s)")
-    r.add_argument("--resume", metavar="DIR", help="continue an interrupted run in DIR")
-    r.add_argument("--no-progress", action="store_true")
+                   help="treatment: each primitive's own estimand, memory kept minus perturbed (default); order: "
+                        "ATE_order = E[M(rr) - M(wr)] (perturbation policy_switch, t0 0, window = horizon)")
+    r.add_argument("--seeds", type=_positive_int, help="number of seeds, 0..N-1 (default 5; at least 2)")
+    r.add_argument("--t0", type=_nonneg_int, help="branch step (default 30)")
+    r.add_argument("--window", type=_positive_int,
+                   help="hold-window length in steps for every factor (default: each primitive's own rule)")
+    r.add_argument("--horizon", type=_positive_int, help="total training steps (default 120)")
+    r.add_argument("--device", help="cpu or cuda[:N] (default cpu)")
+    r.add_argument("--threads", type=_positive_int, help="torch CPU threads, part of the config (default 1)")
+    r.add_argument("--probe-every", dest="probe_every", type=_positive_int, metavar="K",
+                   help="also evaluate the probe every K steps after t0 (the window's end and the horizon always)")
+    r.add_argument("--baseline", choices=["butterfly", "none"],
+                   help="chaos-baseline arm: butterfly scales one state tensor by 1 - 2^-20 at t0 (default "
+                        "butterfly); none to skip it")
+    r.add_argument("--out", help="output directory (default runs/TASK-PERTURBATION, or .../-quick with --quick)")
+    r.add_argument("--force", action="store_true",
+                   help="replace the run in --out (its card, report, plots and seed files) if it holds another one")
+    r.add_argument("--quick", action="store_true",
+                   help="3 seeds, t0 8, horizon 30 (about 15 s), written to its own default directory")
+    r.add_argument("--resume", metavar="DIR",
+                   help="continue an interrupted run in DIR with DIR's saved configuration (flags that differ from "
+                        "it are refused)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
-    rp = sub.add_parser("replay", help="re-run a protocol card and verify every recorded fingerprint")
-    rp.add_argument("card")
-    rp.add_argument("--no-progress", action="store_true")
+    rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
+                                       "1 a mismatch, 2 an unreadable or invalid card)")
+    rp.add_argument("card", help="path of a card.json")
+    rp.add_argument("--seeds", metavar="S,S", help="replay only these seeds, e.g. 0,3 (skips the statistics check)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
-    rr = sub.add_parser("report", help="regenerate report.html from a protocol card")
-    rr.add_argument("card")
-    rr.add_argument("--out")
+    rr = sub.add_parser("report", help="regenerate report.html, its plots and results.csv from a protocol card")
+    rr.add_argument("card", help="path of a card.json")
+    rr.add_argument("--out", help="a directory (report.html goes in it) or a file name ending in .html; "
+                                  "default: the card's directory")
     rr.set_defaults(func=cmd_report)
-    v = sub.add_parser("verify", help="RNG isolation / A-A check on this hardware (and CPU == CUDA)")
-    v.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    v = sub.add_parser("verify", help="A/A isolation on this hardware, and CPU == CUDA optimizer steps when a GPU is "
+                                      "visible; prints PASS, FAIL or SKIPPED per check")
+    v.add_argument("--device", default="cpu", help="device for the A/A check: cpu or cuda[:N] (default cpu)")
     v.set_defaults(func=cmd_verify)
     return p
 

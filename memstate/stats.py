@@ -2,7 +2,9 @@
 
 A branch-and-hold experiment gives, for each seed ``i``, one metric under the treatment and one
 under the control. The per-seed difference ``d_i = treatment_i - control_i`` is the unit of
-analysis; the average treatment effect (ATE) is their mean. Seed counts are small (3-10), so the
+analysis; the average treatment effect (ATE) is their mean. (``memstate.Experiment`` passes the
+memory-kept arm first, so its effects are memory kept minus memory perturbed, the seed's sign:
+docs/experiments.md.) Seed counts are small (3-10), so the
 defaults follow the measured coverage of nominal 95% intervals at n = 5 with normal differences
 (DESIGN.md, "Statistics defaults"; re-measured by ``tests/test_stats.py``)::
 
@@ -12,27 +14,35 @@ defaults follow the measured coverage of nominal 95% intervals at n = 5 with nor
     percentile    0.84                  opt-in; SmallSampleWarning below n = 10
     bca           0.83                  opt-in; SmallSampleWarning below n = 10
 
-The p-value is the exact two-sided sign-flip randomisation test: under the sharp null of no
-effect on any seed every sign pattern of the differences is equally likely, so
+The headline p-value ``p_t`` is the paired t-test's, consistent with the default interval:
+the t CI at ``level`` excludes 0 exactly when ``p_t < 1 - level``. ``holm_family`` adjusts the
+headline p-values of every test a run reports. The exact two-sided sign-flip randomisation
+test is reported beside it as a distribution-free robustness column: under the sharp null of
+no effect on any seed every sign pattern of the differences is equally likely, so
 ``p = #{patterns s : |sum s_i d_i| >= |sum d_i|} / 2^n``. The observed pattern and its mirror
 image always count, so ``p >= 2 / 2^n`` (the *floor*): with n <= 5 seeds it can never reach
-0.05. It is reported next to the paired t-test's ``p_t``.
+0.05, and after Holm over m tests its smallest value is ``m * floor``; it must therefore never
+be the test that Holm adjusts (``signflip_seeds_needed`` says how many seeds it would need).
 
 Usage::
 
     r = memstate.stats.paired_ate(loss_with_reset, loss_without, level=0.95)
-    print(r)          # ATE +0.0123 [-0.0040, +0.0286] (t, 95%), n=5, p_signflip=0.0625 ...
+    print(r)          # ATE +0.012 [-0.004, +0.029] (t, 95%), n=5, p_t=0.11, p_signflip=...
     r.to_dict()       # JSON-able, no NaN/inf (None instead)
-    memstate.stats.holm([r1.p_signflip, r2.p_signflip, r3.p_signflip])
+    memstate.stats.holm_family([r1, r2, r3])          # Holm over the headline p_t
+    memstate.stats.seeds_needed(r.sd, 0.01)           # seeds for 80% power at 0.01
 
 Conventions (each one tested):
 
 - ``sd`` is the sample standard deviation (ddof = 1) of the differences.
-- Zero-variance differences (every seed gives the same difference ``c``) are treated as the
-  limit ``sd -> 0`` with the mean fixed: the ``t`` interval is ``(c, c)``; ``p_t`` is 1.0 when
-  ``c == 0`` (t = 0/0 taken as 0: no evidence of any effect) and 0.0 otherwise (|t| -> inf);
-  ``dz`` is 0.0 when ``c == 0`` and +-inf otherwise. ``p_signflip`` stays honest (the floor for
-  ``c != 0``, 1.0 for ``c == 0``), which is why it is the headline p-value.
+- Zero-variance differences (every seed gives the same difference ``c``, including the A/A
+  case c = 0) are flagged ``degenerate``: there is no variance to test against, so ``p_t`` and
+  ``dz`` are None (NaN in the object, None in ``to_dict``; shown "n/a, all seeds equal") rather
+  than p = 0 and d_z = inf as if that were evidence. The t interval is the sd -> 0 limit
+  ``(c, c)``; ``p_signflip`` stays honest (the floor for ``c != 0``, 1.0 for ``c == 0``).
+  ``holm_family`` counts a degenerate test in the family as p = 1 (conservative) and reports
+  None for it.
+- ``n_pos``, ``n_neg``, ``n_zero`` count seeds with d > 0, d < 0 and d == 0 (ties are shown).
 - ``dz`` is Cohen's d_z (mean / sd) times Hedges' exact small-sample factor
   ``J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2))``, df = n - 1. At n = 2 J is 0 (the mean
   of a t with one degree of freedom does not exist), so ``dz`` is NaN there.
@@ -57,7 +67,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -67,6 +77,11 @@ __all__ = [
     "sign_flip_pvalue",
     "sign_flip_floor",
     "holm",
+    "holm_family",
+    "seeds_needed",
+    "t_power",
+    "signflip_seeds_needed",
+    "format_estimate",
     "hedges_dz",
     "hedges_correction",
     "SmallSampleWarning",
@@ -112,7 +127,8 @@ class PairedATE:
     """A seed-paired average treatment effect.
 
     Units are those of the metric compared (e.g. nats of loss); ``differences`` are
-    ``treatment - control`` per seed, in seed order.
+    ``treatment - control`` per seed (the first argument of ``paired_ate`` minus the second),
+    in seed order.
 
     Attributes:
         ate: mean of the differences.
@@ -122,14 +138,17 @@ class PairedATE:
         requested_method: interval method asked for.
         level: confidence level in (0, 1).
         n: number of seeds (pairs).
-        differences: per-seed ``treatment - control``.
+        differences: per-seed differences.
         sd: sample standard deviation (ddof = 1) of the differences.
-        dz: Cohen's d_z = ate / sd with Hedges' small-sample correction (NaN at n = 2).
-        n_positive: number of seeds with a difference > 0.
+        dz: Cohen's d_z = ate / sd with Hedges' small-sample correction (NaN at n = 2 and
+            when ``degenerate``).
+        n_pos, n_neg, n_zero: seeds with a difference > 0, < 0 and == 0.
         median: median of the differences.
-        p_signflip: two-sided sign-flip randomisation p-value (exact for n <= 20).
+        p_t: two-sided paired t-test p-value, the headline p-value (NaN when ``degenerate``).
+        p_signflip: two-sided sign-flip randomisation p-value (exact for n <= 20), the
+            distribution-free robustness check.
         p_signflip_floor: smallest value ``p_signflip`` can take at this n (2 / 2^n if exact).
-        p_t: two-sided paired t-test p-value.
+        degenerate: every seed gave the same difference (sd == 0): no p_t, no d_z.
         warning: why the result deserves a second look (small-n or fallback), else None.
     """
 
@@ -142,12 +161,20 @@ class PairedATE:
     differences: Tuple[float, ...]
     sd: float
     dz: float
-    n_positive: int
+    n_pos: int
+    n_neg: int
+    n_zero: int
     median: float
+    p_t: float
     p_signflip: float
     p_signflip_floor: float
-    p_t: float
+    degenerate: bool
     warning: Optional[str] = None
+
+    @property
+    def n_positive(self) -> int:
+        """Seeds with a difference > 0 (alias of ``n_pos``)."""
+        return self.n_pos
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-able dict (``json.dumps(..., allow_nan=False)`` works): tuples become
@@ -162,40 +189,90 @@ class PairedATE:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PairedATE":
-        """Inverse of ``to_dict`` (None floats come back as NaN)."""
+        """Inverse of ``to_dict`` (None floats come back as NaN). Raises ValueError naming the
+        field for unknown, missing or mistyped fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a PairedATE dict is expected, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown PairedATE fields: {sorted(unknown)}")
+        missing = names - set(d) - {"warning"}
+        if missing:
+            raise ValueError(f"missing PairedATE fields: {sorted(missing)}")
 
-        def flt(v):
-            return math.nan if v is None else float(v)
+        def flt(key, v):
+            if v is None:
+                return math.nan
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"PairedATE field {key!r} must be a number or null, got {v!r}")
+            return float(v)
+
+        def integer(key):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"PairedATE field {key!r} must be an integer, got {v!r}")
+            return v
+
+        def pair(key, length=None):
+            v = d[key]
+            if not isinstance(v, list) or (length is not None and len(v) != length):
+                raise ValueError(f"PairedATE field {key!r} must be a list"
+                                 + (f" of {length}" if length else "") + f", got {v!r}")
+            return tuple(flt(key, x) for x in v)
 
         kw = dict(d)
-        for key in ("ate", "level", "sd", "dz", "median", "p_signflip", "p_signflip_floor",
-                    "p_t"):
-            kw[key] = flt(kw[key])
-        kw["ci"] = (flt(kw["ci"][0]), flt(kw["ci"][1]))
-        kw["differences"] = tuple(flt(v) for v in kw["differences"])
-        kw["n"] = int(kw["n"])
-        kw["n_positive"] = int(kw["n_positive"])
+        for key in ("ate", "level", "sd", "dz", "median", "p_signflip", "p_signflip_floor", "p_t"):
+            kw[key] = flt(key, kw[key])
+        kw["ci"] = pair("ci", 2)
+        kw["differences"] = pair("differences")
+        for key in ("n", "n_pos", "n_neg", "n_zero"):
+            kw[key] = integer(key)
+        for key in ("method", "requested_method"):
+            if not isinstance(kw[key], str):
+                raise ValueError(f"PairedATE field {key!r} must be a string, got {kw[key]!r}")
+        if not isinstance(kw["degenerate"], bool):
+            raise ValueError(f"PairedATE field 'degenerate' must be true or false, got {kw['degenerate']!r}")
+        if kw.get("warning") is not None and not isinstance(kw["warning"], str):
+            raise ValueError(f"PairedATE field 'warning' must be a string or null, got {kw['warning']!r}")
         return cls(**kw)
 
     def __str__(self) -> str:
         lo, hi = self.ci
-        scale = max(abs(v) for v in (self.ate, lo, hi) if math.isfinite(v)) \
-            if any(math.isfinite(v) for v in (self.ate, lo, hi)) else 0.0
-        fixed = scale == 0.0 or 1e-3 <= scale < 1e5
-
-        def num(v: float) -> str:
-            return f"{v:+.4f}" if fixed else f"{v:+.3e}"
-
+        est, flo, fhi = format_estimate(self.ate, lo, hi)
         method = self.method
         if self.method != self.requested_method:
             method = f"{self.method}, fallback from {self.requested_method}"
-        return (f"ATE {num(self.ate)} [{num(lo)}, {num(hi)}] ({method}, {self.level * 100:g}%), "
-                f"n={self.n}, p_signflip={self.p_signflip:.4g} "
-                f"(floor {self.p_signflip_floor:.4g}), p_t={self.p_t:.2g}, d_z={self.dz:.2f}")
+        p_t = "n/a, all seeds equal" if self.degenerate else f"{self.p_t:.2g}"
+        dz = "n/a" if not math.isfinite(self.dz) else f"{self.dz:.2f}"
+        return (f"ATE {est} [{flo}, {fhi}] ({method}, {self.level * 100:g}%), n={self.n}, "
+                f"p_t={p_t}, p_signflip={self.p_signflip:.4g} (floor {self.p_signflip_floor:.4g}), "
+                f"d_z={dz}, +/-/0 {self.n_pos}/{self.n_neg}/{self.n_zero}")
+
+
+def format_estimate(ate: float, lo: float, hi: float) -> Tuple[str, str, str]:
+    """Signed strings for an estimate and its interval, with as many decimals as the interval
+    supports: two significant digits of the half-width ``(hi - lo) / 2``, and the estimate and
+    bounds to the same decimal place (e.g. 0.01234 [0.0041, 0.0206]: half-width 0.0083, so
+    "+0.0123", "+0.0041", "+0.0206"; 1e-4 [-2e-5, 2.2e-4]: "+0.00010", "-0.00002", "+0.00022"). A zero-width interval (degenerate data) keeps 4 significant digits of the
+    estimate; very small or large numbers switch to exponent notation at that precision."""
+    vals = (ate, lo, hi)
+    if not all(math.isfinite(v) for v in vals):
+        return tuple("n/a" if not math.isfinite(v) else f"{v:+.4g}" for v in vals)  # type: ignore
+    half = (hi - lo) / 2
+    if half > 0:
+        decimals = 1 - math.floor(math.log10(half))  # two significant digits of the half-width
+    elif ate != 0:
+        decimals = 3 - math.floor(math.log10(abs(ate)))
+    else:
+        decimals = 0
+    if -6 <= decimals <= 8:
+        d = max(decimals, 0)
+        return tuple(f"{v:+.{d}f}" for v in vals)  # type: ignore
+    # exponent notation, same absolute precision relative to the largest magnitude
+    top = max(abs(v) for v in vals) or 1.0
+    sig = max(1, math.floor(math.log10(top)) + decimals)
+    return tuple(f"{v:+.{sig}e}" for v in vals)  # type: ignore
 
 
 def _finite_or_none(v: float) -> Optional[float]:
@@ -275,8 +352,9 @@ def hedges_correction(df: int) -> float:
 def hedges_dz(differences: Any) -> float:
     """Standardised paired effect d_z = mean / sd (ddof = 1), times Hedges' J(n - 1).
 
-    Needs n >= 2. NaN at n = 2 (J(1) = 0: the unbiased estimate is undefined). Zero-variance
-    differences give 0.0 if they are all zero, else +-inf (the sd -> 0 limit).
+    Needs n >= 2. NaN at n = 2 (J(1) = 0: the unbiased estimate is undefined) and for
+    zero-variance differences (no spread to standardise by: reported as "all seeds equal",
+    never as an infinite effect).
     """
     d = _check_differences(differences, min_n=2)
     n = d.size
@@ -285,7 +363,7 @@ def hedges_dz(differences: Any) -> float:
     if n == 2:
         return math.nan
     if sd == 0.0:
-        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+        return math.nan
     return hedges_correction(n - 1) * mean / sd
 
 
@@ -369,7 +447,7 @@ def holm(pvalues: Iterable[float]) -> List[float]:
 
 def _t_stats(D: np.ndarray, level: float):
     """Paired-t interval and two-sided p for each row of D; zero-variance rows per the module
-    docstring. Returns (mean, sd, lo, hi, p)."""
+    docstring (interval (c, c), p NaN). Returns (mean, sd, lo, hi, p)."""
     sp = _scipy()
     n = D.shape[1]
     mean = D.mean(axis=1)
@@ -380,9 +458,8 @@ def _t_stats(D: np.ndarray, level: float):
     lo, hi = mean - q * se, mean + q * se
     with np.errstate(divide="ignore", invalid="ignore"):
         t = mean / se
-    t = np.where(se == 0, np.where(mean == 0, 0.0, np.copysign(np.inf, mean)), t)
     p = 2.0 * sp.special.stdtr(n - 1, -np.abs(t))
-    p = np.minimum(p, 1.0)
+    p = np.where(se == 0, np.nan, np.minimum(p, 1.0))
     return mean, sd, lo, hi, p
 
 
@@ -542,10 +619,89 @@ def paired_ate(treatment: Any, control: Any, *, level: float = 0.95, method: str
         differences=tuple(float(v) for v in d),
         sd=float(sd[0]),
         dz=hedges_dz(d),
-        n_positive=int(np.count_nonzero(d > 0)),
+        n_pos=int(np.count_nonzero(d > 0)),
+        n_neg=int(np.count_nonzero(d < 0)),
+        n_zero=int(np.count_nonzero(d == 0)),
         median=float(np.median(d)),
+        p_t=float(p_t[0]),
         p_signflip=sign_flip_pvalue(d),
         p_signflip_floor=sign_flip_floor(n),
-        p_t=float(p_t[0]),
+        degenerate=bool(sd[0] == 0.0),
         warning="; ".join(notes) if notes else None,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# families of tests and planning
+
+
+def holm_family(results: Sequence[PairedATE]) -> List[Optional[float]]:
+    """Holm-adjusted headline p-values (``p_t``) of every test a run reports, in input order.
+
+    A degenerate result has no p-value: it is counted in the family as p = 1 (so the others
+    are still corrected for all ``len(results)`` tests, the conservative choice) and gets None.
+    """
+    raw = [1.0 if r.degenerate else r.p_t for r in results]
+    adj = holm(raw)
+    return [None if r.degenerate else a for r, a in zip(results, adj)]
+
+
+def signflip_seeds_needed(m: int, alpha: float = 0.05) -> int:
+    """Smallest n whose exact sign-flip floor ``2 / 2^n`` can still reach ``alpha`` after Holm
+    over ``m`` tests, i.e. ``m * 2 / 2^n <= alpha``."""
+    if m < 1 or not 0 < alpha < 1:
+        raise ValueError(f"need m >= 1 and 0 < alpha < 1, got m={m}, alpha={alpha}")
+    n = 1
+    while m * 2.0 / 2.0 ** n > alpha:
+        n += 1
+    return n
+
+
+def t_power(n: int, sd: float, effect: float, level: float = 0.95) -> float:
+    """Power of the two-sided paired t-test at significance ``1 - level`` with n pairs when the
+    true mean difference is ``effect`` and the differences' sd is ``sd``:
+    ``P(|T| > t_{1-alpha/2, n-1})`` with T noncentral t, df = n - 1, ncp = effect / sd * sqrt(n).
+    """
+    import scipy.stats
+
+    level = _check_level(level)
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    df = n - 1
+    crit = scipy.stats.t.ppf(0.5 + level / 2, df)
+    ncp = abs(effect) / sd * math.sqrt(n)
+    return float(scipy.stats.nct.sf(crit, df, ncp) + scipy.stats.nct.cdf(-crit, df, ncp))
+
+
+def seeds_needed(sd: float, effect: float, level: float = 0.95, power: float = 0.8,
+                 max_n: int = 1_000_000) -> Optional[int]:
+    """Seeds (pairs) a two-sided paired t-test at significance ``1 - level`` needs to detect a
+    true mean difference ``effect`` with probability ``power`` when the per-seed differences
+    have standard deviation ``sd`` (same units as ``effect``). Noncentral t (``t_power``),
+    exact, not the normal approximation. Returns the smallest n >= 2, or None when no n up to
+    ``max_n`` suffices (e.g. ``effect == 0``). ``sd == 0`` with ``effect != 0`` gives 2.
+    """
+    level = _check_level(level)
+    if not 0.0 < power < 1.0:
+        raise ValueError(f"power must be in (0, 1), got {power!r}")
+    for name, v in (("sd", sd), ("effect", effect)):
+        if not isinstance(v, (int, float, np.floating)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if sd < 0:
+        raise ValueError(f"sd must be >= 0, got {sd!r}")
+    if effect == 0:
+        return None
+    if sd == 0:
+        return 2
+    if t_power(max_n, sd, effect, level) < power:
+        return None
+    lo, hi = 1, 2  # power(lo) < power <= power(hi); power grows with n
+    while t_power(hi, sd, effect, level) < power:
+        lo, hi = hi, min(hi * 2, max_n)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if t_power(mid, sd, effect, level) >= power:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -68,7 +68,9 @@ def test_reported_descriptives():
     r = paired_ate(t, c)
     assert r.differences == (-0.5, 1.0, 1.0, 0.0, 2.0)
     assert all(type(v) is float for v in r.differences)
-    assert r.n_positive == 3  # 0.0 is not > 0
+    assert r.n_positive == r.n_pos == 3  # 0.0 is not > 0
+    assert (r.n_neg, r.n_zero) == (1, 1)  # the tie is counted, not hidden
+    assert not r.degenerate
     assert r.median == 1.0
     assert r.ate == pytest.approx(0.7)
     assert isinstance(r.ci, tuple) and len(r.ci) == 2
@@ -211,20 +213,27 @@ def test_hedges_dz():
     d = np.array([0.2, 0.5, -0.1, 0.4, 0.3])
     assert hedges_dz(d) == pytest.approx(hedges_correction(4) * d.mean() / d.std(ddof=1))
     assert math.isnan(hedges_dz([1.0, 2.0]))  # J(1) = 0: undefined
-    assert hedges_dz(np.zeros(4)) == 0.0
-    assert hedges_dz(np.full(4, -0.5)) == -math.inf
+    assert math.isnan(hedges_dz(np.zeros(4)))  # no spread: undefined, never +-inf
+    assert math.isnan(hedges_dz(np.full(4, -0.5)))
     with pytest.raises(ValueError):
         hedges_dz([1.0])
 
 
-def test_zero_variance_conventions():
+def test_constant_differences_are_flagged_degenerate():
     zero = paired_ate([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
-    assert zero.ci == (0.0, 0.0) and zero.p_t == 1.0 and zero.dz == 0.0
+    assert zero.degenerate and zero.ci == (0.0, 0.0)
+    assert math.isnan(zero.p_t) and math.isnan(zero.dz)  # no p-value as if it were evidence
     assert zero.p_signflip == 1.0 and zero.sd == 0.0
+    assert (zero.n_pos, zero.n_neg, zero.n_zero) == (0, 0, 3)
     const = paired_ate([1.5, 2.5, 3.5, 4.5], [1.0, 2.0, 3.0, 4.0])
-    assert const.ci == (0.5, 0.5) and const.p_t == 0.0 and const.dz == math.inf
-    assert const.p_signflip == const.p_signflip_floor == 2 / 16  # the honest p-value
-    assert const.to_dict()["dz"] is None
+    assert const.degenerate and const.ci == (0.5, 0.5)
+    assert math.isnan(const.p_t) and math.isnan(const.dz)
+    assert const.p_signflip == const.p_signflip_floor == 2 / 16  # the exact sign-flip p is kept
+    d = const.to_dict()
+    assert d["dz"] is None and d["p_t"] is None and d["degenerate"] is True
+    assert "n/a, all seeds equal" in str(const)
+    # a tiny spread is not degenerate
+    assert not paired_ate([1.5, 2.5, 3.5, 4.5 + 1e-9], [1.0, 2.0, 3.0, 4.0]).degenerate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +397,8 @@ def test_result_is_frozen_with_the_specified_fields():
     r = paired_ate([1.0, 2.0, 3.5], [0.5, 2.5, 3.0])
     assert [f.name for f in dataclasses.fields(PairedATE)] == [
         "ate", "ci", "method", "requested_method", "level", "n", "differences", "sd", "dz",
-        "n_positive", "median", "p_signflip", "p_signflip_floor", "p_t", "warning"]
+        "n_pos", "n_neg", "n_zero", "median", "p_t", "p_signflip", "p_signflip_floor",
+        "degenerate", "warning"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.ate = 0.0
 
@@ -398,7 +408,7 @@ def test_to_dict_json_round_trip():
     results = [
         paired_ate(rng.normal(size=6), rng.normal(size=6)),
         paired_ate([1.0, 2.0], [0.0, 0.5]),  # dz NaN -> None
-        paired_ate([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]),  # dz inf -> None
+        paired_ate([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]),  # degenerate: dz, p_t NaN -> None
     ]
     with pytest.warns(MethodFallbackWarning):
         results.append(paired_ate(np.full(10, 2.0), np.ones(10), method="bca", n_boot=100))
@@ -409,6 +419,12 @@ def test_to_dict_json_round_trip():
         assert isinstance(d["ci"], list) and isinstance(d["differences"], list)
     r = results[0]
     assert PairedATE.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    for bad, match in [({**r.to_dict(), "n": "5"}, "'n' must be an integer"),
+                       ({**r.to_dict(), "ci": [0.0]}, "'ci' must be a list of 2"),
+                       ({k: v for k, v in r.to_dict().items() if k != "p_t"}, "missing.*p_t"),
+                       ({**r.to_dict(), "degenerate": 1}, "degenerate")]:
+        with pytest.raises(ValueError, match=match):
+            PairedATE.from_dict(bad)
     assert results[1].to_dict()["dz"] is None and math.isnan(
         PairedATE.from_dict(results[1].to_dict()).dz)
 
@@ -417,8 +433,84 @@ def test_str_is_one_line_summary():
     r = paired_ate([0.61, 0.52, 0.70, 0.58, 0.66], [0.60, 0.50, 0.71, 0.55, 0.64])
     s = str(r)
     assert "\n" not in s
-    assert s.startswith(f"ATE {r.ate:+.4f} [{r.ci[0]:+.4f}, {r.ci[1]:+.4f}] (t, 95%), n=5, ")
+    est, lo, hi = stats.format_estimate(r.ate, *r.ci)
+    assert s.startswith(f"ATE {est} [{lo}, {hi}] (t, 95%), n=5, p_t={r.p_t:.2g}, ")
     assert f"p_signflip={r.p_signflip:.4g} (floor 0.0625)" in s
-    assert f"p_t={r.p_t:.2g}" in s and s.endswith(f"d_z={r.dz:.2f}")
+    assert s.endswith(f"d_z={r.dz:.2f}, +/-/0 4/1/0")
     tiny = paired_ate([1e-6, 3e-6, 2e-6], [0.0, 0.0, 0.0], level=0.9)
-    assert "(t, 90%)" in str(tiny) and "e-06" in str(tiny)
+    assert "(t, 90%)" in str(tiny)
+
+
+def test_format_estimate_follows_the_interval_width():
+    f = stats.format_estimate
+    assert f(0.01234, 0.0041, 0.0206) == ("+0.0123", "+0.0041", "+0.0206")  # half-width 0.0083
+    # an effect of 1e-4 is never shown as +0.0000 [-0.0000, +0.0000]
+    assert f(1e-4, -2e-5, 2.2e-4) == ("+0.00010", "-0.00002", "+0.00022")
+    assert f(12.345, 2.0, 22.7) == ("+12", "+2", "+23")
+    assert f(0.5, 0.5, 0.5) == ("+0.5000", "+0.5000", "+0.5000")  # zero width: 4 significant
+    assert f(1e-12, 0.5e-12, 1.5e-12) == ("+1.00e-12", "+5.00e-13", "+1.50e-12")
+    assert f(math.nan, 0.0, 1.0)[0] == "n/a"
+
+
+# ----------------------------------------------------------------------------------------------
+# Holm over a run's tests, and what n = 5 can reject
+
+
+def test_holm_family_adjusts_the_t_p_values_and_can_reject_at_n5():
+    # a 5/5-seed effect with p_t < 0.01 stays significant after Holm over 3 metrics
+    rng = np.random.default_rng(3)
+    c = rng.normal(0.5, 0.1, 5)
+    strong = paired_ate(c - np.array([0.050, 0.061, 0.048, 0.055, 0.058]), c)
+    assert strong.p_t < 0.01 and strong.n_neg == 5
+    assert strong.p_signflip == 0.0625  # the sign-flip floor could never get there
+    weak = paired_ate(c + rng.normal(0, 0.1, 5), c)
+    const = paired_ate(np.array([1.0, 1.25, 0.75, 1.5, 1.0]), np.array([0.5, 0.75, 0.25, 1.0, 0.5]))
+    assert const.degenerate
+    adj = stats.holm_family([strong, weak, const])
+    assert adj[0] == pytest.approx(holm([strong.p_t, weak.p_t, 1.0])[0]) and adj[0] < 0.05
+    assert adj[1] == pytest.approx(holm([strong.p_t, weak.p_t, 1.0])[1])
+    assert adj[2] is None  # degenerate: no p-value, but it still counts in the family
+    # and the t CI is consistent with p_t
+    for r in (strong, weak):
+        assert (r.ci[0] > 0 or r.ci[1] < 0) == (r.p_t < 0.05)
+
+
+def test_signflip_seeds_needed():
+    assert stats.signflip_seeds_needed(1) == 6      # 2/64 = 0.031 <= 0.05 < 2/32
+    assert stats.signflip_seeds_needed(3) == 7      # 3 * 2/128 = 0.047
+    assert stats.signflip_seeds_needed(9) == 9      # 9 * 2/512 = 0.035; 9 * 2/256 = 0.07
+    for m in (1, 3, 9, 12):
+        n = stats.signflip_seeds_needed(m)
+        assert m * sign_flip_floor(n) <= 0.05 < m * sign_flip_floor(n - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds needed (paired t power, noncentral t)
+
+
+def test_seeds_needed_matches_published_gpower_values():
+    # G*Power 3.1, "t tests - Means: difference between two dependent means (matched pairs)",
+    # a priori, two tails, alpha 0.05, power 0.80: d_z 0.2 -> 199, 0.5 -> 34, 0.8 -> 15, 1.0 -> 10
+    for dz, n in ((0.2, 199), (0.5, 34), (0.8, 15), (1.0, 10)):
+        assert stats.seeds_needed(1.0, dz, 0.95, 0.8) == n
+        assert stats.seeds_needed(0.01, dz * 0.01, 0.95, 0.8) == n  # only the ratio matters
+    assert stats.t_power(10, 1.0, 1.0) == pytest.approx(0.8031, abs=1e-4)   # G*Power's actual power
+    assert stats.t_power(34, 1.0, 0.5) == pytest.approx(0.8078, abs=1e-4)
+    assert stats.seeds_needed(1.0, 0.0) is None
+    assert stats.seeds_needed(0.0, 0.3) == 2
+    with pytest.raises(ValueError, match="power"):
+        stats.seeds_needed(1.0, 0.5, power=1.0)
+    with pytest.raises(ValueError, match="sd"):
+        stats.seeds_needed(-1.0, 0.5)
+
+
+def test_t_power_agrees_with_simulation():
+    rng = np.random.default_rng(11)
+    for n, dz in ((5, 1.5), (8, 1.0)):
+        D = rng.normal(dz, 1.0, size=(20000, n))
+        m, sd = D.mean(axis=1), D.std(axis=1, ddof=1)
+        p = 2 * scipy.stats.t.sf(np.abs(m / (sd / math.sqrt(n))), n - 1)
+        sim = float(np.mean(p < 0.05))
+        assert sim == pytest.approx(stats.t_power(n, 1.0, dz), abs=0.01), (n, dz, sim)
+    n = stats.seeds_needed(1.0, 1.5)
+    assert stats.t_power(n, 1.0, 1.5) >= 0.8 > stats.t_power(n - 1, 1.0, 1.5)

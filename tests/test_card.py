@@ -1,0 +1,261 @@
+"""Protocol cards: every bad card is a CardError (exit 2, one line, no traceback), a forged card
+fails replay (exit 1, naming the metric), and card reading is fuzzed with hypothesis.
+
+The fuzz tests run MEMSTATE_FUZZ_EXAMPLES examples each (default 200), derandomized (a fixed
+seed in CI); set the variable higher locally for a longer search."""
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memstate import card as cardmod
+from memstate import report
+from memstate.card import CardError
+from memstate.experiment import Experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUZZ_EXAMPLES = int(os.environ.get("MEMSTATE_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                       HealthCheck.data_too_large])
+COUNTS = {}
+
+
+@pytest.fixture(scope="module")
+def card():
+    exp = Experiment("digits", "reset_momentum", t0=4, horizon=10, seeds=2, window=3, baseline="butterfly")
+    return cardmod.make_card(exp.run())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts(request):
+    yield
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    for name, c in sorted(COUNTS.items()):
+        line = f"card fuzz {name}: {sum(c.values())} examples, " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+        if tr is not None:
+            tr.write_line(line)
+        print(line)
+
+
+def _count(name, outcome):
+    COUNTS.setdefault(name, {}).setdefault(outcome, 0)
+    COUNTS[name][outcome] += 1
+
+
+def _resign(c):
+    c["card_xxh3_128"] = cardmod.checksum(c)
+    return c
+
+
+def _cli(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "memstate"] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# forgery is caught by replay, not by the checksum
+
+
+def test_forged_card_fails_replay_naming_the_metric(card, tmp_path):
+    forged = copy.deepcopy(card)
+    for s in forged["seeds"]:
+        for point in s["arms"]["treatment"]["probes"].values():
+            point["accuracy"] = 1.0
+        s["arms"]["treatment"]["metrics"]["accuracy"] = 1.0
+    for t in forged["results"]["tables"].values():
+        t["rows"]["accuracy"]["p_holm"] = 0.001
+    _resign(forged)  # the checksum is unkeyed: anyone can recompute it
+    path = tmp_path / "card.json"
+    cardmod.write_card(forged, str(path))
+    assert cardmod.read_card(str(path))  # the checksum cannot tell
+    rc, out, err = _cli(["replay", str(path), "--no-progress"], tmp_path)
+    assert rc == 1, (out, err)
+    assert "FAIL: seed 0, arm treatment, metric accuracy: recorded 1.0, replay gives" in out, out
+    # the honest card passes
+    cardmod.write_card(card, str(path))
+    rc, out, err = _cli(["replay", str(path), "--no-progress"], tmp_path)
+    assert rc == 0 and out.count("PASS") == 2, (out, err)
+
+
+def test_forged_statistics_alone_fail_replay(card):
+    forged = copy.deepcopy(card)
+    forged["results"]["tables"]["final"]["rows"]["accuracy"]["p_holm"] = 0.001
+    problem = cardmod.replay(_resign(forged))
+    assert problem.startswith("statistics: results.tables.final.rows.accuracy.p_holm: card says 0.001")
+
+
+# ----------------------------------------------------------------------------------------------
+# invalid cards: CardError, exit 2, one line
+
+
+def _bad_cards(card):
+    good = json.dumps(card).encode()
+    yield "non-UTF-8", good.replace(b'"digits"', b'"dig\xffits"', 1), "not UTF-8 text"
+    c = copy.deepcopy(card)
+    del c["seeds"][1]
+    yield "missing seed", json.dumps(_resign(c)).encode(), "no record for seed 1"
+    c = copy.deepcopy(card)
+    del c["seeds"][1]
+    c["config"]["seeds"] = [0]
+    yield "one seed", json.dumps(_resign(c)).encode(), "at least 2 seeds"
+    yield "malformed", good[: len(good) // 2], "malformed JSON"
+    yield "deeply nested", b'{"card_format": "memstate.card", "card_version": 2, "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"
+    yield "nested 100", b'{"card_format": "memstate.card", "card_version": 2, "x": ' + b"[" * 100 + b"]" * 100 + b"}", "nested deeper than"
+    yield "NaN", good.replace(b'"seeds": [0, 1]', b'"seeds": [0, NaN]', 1), "NaN is not allowed"
+    c = copy.deepcopy(card)
+    c["seeds"][0]["arms"]["treatment"]["losses"] = c["seeds"][0]["arms"]["treatment"]["losses"][:2]
+    yield "short losses", json.dumps(_resign(c)).encode(), "seeds[0].arms.treatment.losses: expected 6 entries"
+    c = copy.deepcopy(card)
+    c["config"]["arm_labels"]["control"] = "kept"
+    yield "relabelled", json.dumps(_resign(c)).encode(), "config.arm_labels"
+    c = copy.deepcopy(card)
+    c["seeds"][1]["arms"]["control"]["metrics"]["loss"] = "low"
+    yield "string metric", json.dumps(_resign(c)).encode(), "metrics.loss: expected a number"
+    yield "checksum", good.replace(b'"t0": 4', b'"t0": 3', 1), "checksum mismatch"
+
+
+def test_invalid_cards_raise_card_error(card, tmp_path):
+    for name, raw, match in _bad_cards(card):
+        with pytest.raises(CardError, match=re.escape(match)):
+            cardmod.loads_card(raw, name)  # noqa
+    with pytest.raises(CardError, match="cannot read"):
+        cardmod.read_card(str(tmp_path / "absent.json"))
+
+
+def test_invalid_cards_exit_2_with_one_line_and_no_traceback(card, tmp_path):
+    # one subprocess that replays every bad card through the real entry point
+    cases = list(_bad_cards(card))
+    for i, (_, raw, _) in enumerate(cases):
+        (tmp_path / f"bad{i}.json").write_bytes(raw)
+    script = ("import subprocess, sys\n"
+              f"for i in range({len(cases)}):\n"
+              "    p = subprocess.run([sys.executable, '-m', 'memstate', 'replay', f'bad{i}.json', '--no-progress'],"
+              " capture_output=True, text=True)\n"
+              "    print(repr((p.returncode, p.stdout, p.stderr)))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    results = [eval(line) for line in p.stdout.splitlines()]
+    assert len(results) == len(cases), p.stderr
+    for (name, _, match), (rc, out, err) in zip(cases, results):
+        assert rc == 2, (name, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and match in err, (name, err)
+
+
+def test_replay_of_a_seed_subset(card):
+    assert cardmod.replay(card, seeds=[1]) is None
+    bad = copy.deepcopy(card)
+    bad["seeds"][0]["arms"]["control"]["losses"][0] = 9.0
+    assert cardmod.replay(bad, seeds=[1]) is None  # seed 0 is not replayed
+    assert cardmod.replay(bad, seeds=[0]).startswith("seed 0, arm control, step 4")
+    with pytest.raises(CardError, match="seed 5 is not in the card"):
+        cardmod.replay(card, seeds=[5])
+
+
+# ----------------------------------------------------------------------------------------------
+# fuzzing
+
+
+def _consume(c, tmp_path):
+    """What memstate does with a card that read_card accepted: none of it may raise."""
+    for point in c["results"]["tables"]:
+        report.text_table(c["config"], c["results"], point)
+    report.write_results_csv(c, str(tmp_path / "fuzz.csv"))
+    cardmod.experiment_from_card(c)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_bytes(card, tmp_path, data):
+    raw = bytearray(json.dumps(card, indent=1).encode())
+    op = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+    if op == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif op == "truncate":
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1))]
+    elif op == "extend":
+        raw += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        i = data.draw(st.integers(0, len(raw)))
+        raw[i:i] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        c = cardmod.loads_card(bytes(raw))
+    except CardError:
+        _count("bytes", "CardError")
+        return
+    _consume(c, tmp_path)
+    _count("bytes", "valid")
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
+                    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+                    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                    max_leaves=12)
+
+
+def _walk(obj, picks):
+    """(parent, key) chains along ``picks`` (indices taken modulo each container's size)."""
+    chain = []
+    for p in picks:
+        if isinstance(obj, dict) and obj:
+            key = sorted(obj)[p % len(obj)]
+        elif isinstance(obj, list) and obj:
+            key = p % len(obj)
+        else:
+            break
+        chain.append((obj, key))
+        obj = obj[key]
+    return chain
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_structured_edits(card, tmp_path, data):
+    c = copy.deepcopy(card)
+    picks = data.draw(st.lists(st.integers(0, 1000), min_size=1, max_size=9))
+    chain = _walk(c, picks)
+    parent, key = chain[data.draw(st.integers(0, len(chain) - 1))]
+    op = data.draw(st.sampled_from(["replace", "delete", "add", "wrong type", "nest", "duplicate"]))
+    if op == "replace":
+        parent[key] = data.draw(JSON)
+    elif op == "delete":
+        del parent[key]
+    elif op == "add":
+        if isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=8))] = data.draw(JSON)
+        else:
+            parent.insert(key, data.draw(JSON))
+    elif op == "wrong type":
+        v = parent[key]
+        parent[key] = str(v) if not isinstance(v, str) else [v]
+    elif op == "nest":
+        v = parent[key]
+        for _ in range(data.draw(st.integers(1, 60))):
+            v = [v]
+        parent[key] = v
+    else:
+        parent[key] = copy.deepcopy(parent)  # a container inside itself, one level down
+    if isinstance(c, dict) and data.draw(st.booleans(), label="re-sign"):
+        try:
+            _resign(c)
+        except (ValueError, RecursionError):
+            pass  # not serialisable canonically: the reader must still refuse it
+    raw = json.dumps(c).encode()
+    try:
+        got = cardmod.loads_card(raw)
+    except CardError:
+        _count("structured", "CardError")
+        return
+    _consume(got, tmp_path)
+    _count("structured", "valid")
