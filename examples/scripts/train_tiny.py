@@ -44,7 +44,7 @@ for step in range(a.steps):
     if step == a.plant:
         noise = int.from_bytes(os.urandom(4), "little") / 2**32
         with torch.no_grad():
-            model.head.weight.grad[0, 0] += 1e-6 * (1.0 + noise)
+            model.head.weight.grad[0, 0] += 1e-3 * (1.0 + noise)
     opt.step()
     trail.record(step, loss=loss, batch_ids=ids)
 trail.close()

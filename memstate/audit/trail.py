@@ -546,13 +546,19 @@ class TrailReader:
             self._conn.close()
             raise TrailError(f"{self.path!r} has trail schema version {self.header.get('schema_version')!r}; "
                              f"this memstate reads version {SCHEMA_VERSION}")
+        self.tensors: List[TensorInfo] = []
+        self._load_tensors()
+
+    def _load_tensors(self) -> None:
+        """(Re)reads the tensor table: a trail still being written may have added names."""
         try:
-            self.tensors = [TensorInfo(i, n, k, d, tuple(json.loads(s))) for i, n, k, d, s in
-                            self._conn.execute("SELECT idx, name, kind, dtype, shape FROM tensors ORDER BY idx")]
+            tensors = [TensorInfo(i, n, k, d, tuple(json.loads(s))) for i, n, k, d, s in
+                       self._conn.execute("SELECT idx, name, kind, dtype, shape FROM tensors ORDER BY idx")]
         except (sqlite3.DatabaseError, ValueError) as e:
             raise TrailError(f"{self.path!r}: unreadable tensor table ({e})") from None
-        if [t.index for t in self.tensors] != list(range(len(self.tensors))):
-            raise TrailError(f"{self.path!r}: tensor indices are not 0..{len(self.tensors) - 1}")
+        if [t.index for t in tensors] != list(range(len(tensors))):
+            raise TrailError(f"{self.path!r}: tensor indices are not 0..{len(tensors) - 1}")
+        self.tensors = tensors
 
     def steps(self) -> List[int]:
         try:
@@ -567,6 +573,8 @@ class TrailReader:
                 "SELECT step, n_tensors, fingerprints, loss, batch_hash, rng_torch, rng_cuda, rng_numpy, rng_python, "
                 "contracts FROM steps ORDER BY step")
             for step, n, blob, loss, bh, rt, rc, rn, rp, contracts in cur:
+                if isinstance(n, int) and n > len(self.tensors):
+                    self._load_tensors()
                 if not isinstance(blob, bytes) or len(blob) != 16 * n or n > len(self.tensors):
                     raise TrailError(f"{self.path!r}: step {step} has a corrupt fingerprint row")
                 yield StepRow(step, blob, loss, bh, {"torch": rt, "cuda": rc, "numpy": rn, "python": rp},
