@@ -90,7 +90,7 @@ def test_in_pass_fingerprints_are_used_and_agree(tmp_path, monkeypatch):
     labels = []
     real = trail_mod.fingerprint_many
 
-    def spy(tensors, names):
+    def spy(tensors, names):  # the trail calls it through _fingerprint_many_small
         labels.extend(names)
         return real(tensors, names)
 

@@ -110,6 +110,28 @@ class _ContractChain:
         return self._h.hexdigest()
 
 
+SERIAL_BYTES = 1 << 20  # below this many CPU bytes in all, fingerprint on the calling thread
+
+
+def _fingerprint_many_small(tensors: List[torch.Tensor], names: List[str]) -> List[Fingerprint]:
+    """``fingerprint_many``, on one thread when the CPU tensors are small in all.
+
+    The native op spreads its 512 KiB chunks (at least one per tensor) over the intra-op
+    threads; for a few BatchNorm buffers that costs a thread wake-up and barrier per call,
+    which on a busy machine was measured at 3-16 ms against about 10 us on one thread.
+    Results never depend on the thread count (msfp1 sums are order-free), so this only
+    changes the time. Note: ``torch.set_num_threads`` is process-wide for the call's length."""
+    small = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu") < SERIAL_BYTES
+    threads = torch.get_num_threads()
+    if not small or threads == 1:
+        return fingerprint_many(tensors, names)
+    torch.set_num_threads(1)
+    try:
+        return fingerprint_many(tensors, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------- header
 def determinism_settings() -> Dict[str, Any]:
     """The process settings that decide whether kernels are deterministic."""
@@ -239,6 +261,7 @@ class Trail:
         if self._in_pass:
             # in-pass fingerprints describe the last step; only trust them once per step
             self._hook = optimizer.register_step_post_hook(self._on_step)
+        self._plan()
         self._conn: Optional[sqlite3.Connection] = None
         header = self._header(dataloader)
         self._create(header, overwrite)
@@ -311,56 +334,79 @@ class Trail:
             self._new_tensors.append((i, name, kind, str(t.dtype).replace("torch.", ""), json.dumps(list(t.shape))))
         return i
 
-    def _name_of(self, p: torch.Tensor, position: int) -> str:
-        return self._param_names.get(id(p), f"param_groups.{position}")
+    def _plan(self) -> None:
+        """Caches what every record walks: the optimizer's parameters with their names, the
+        model's other parameters, and (module, key) of every buffer, so a record does not
+        re-walk the module tree. A buffer reassigned on its module is still found (looked up
+        by key at each record); modules added after the trail was created are not tracked."""
+        names = self._param_names
+        self._opt_params: List[Tuple[torch.Tensor, str]] = []
+        if self.optimizer is not None:
+            position = 0
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self._opt_params.append((p, names.get(id(p), f"param_groups.{position}")))
+                    position += 1
+        in_opt = {id(p) for p, _ in self._opt_params}
+        self._free_params: List[Tuple[torch.Tensor, str]] = []
+        self._buffers: List[Tuple[torch.nn.Module, str, str]] = []
+        if self.model is not None:
+            self._free_params = [(p, n) for n, p in self.model.named_parameters() if id(p) not in in_opt]
+            for mname, mod in self.model.named_modules():
+                for key in mod._buffers:
+                    self._buffers.append((mod, key, f"{mname}.{key}" if mname else key))
 
-    def _collect(self) -> Dict[int, bytes]:
-        """Index -> 16-byte fingerprint of every tracked tensor present now."""
-        got: Dict[int, bytes] = {}
+    def _collect(self) -> Dict[int, Tuple[int, int]]:
+        """Index -> msfp1 lanes of every tracked tensor present now."""
+        got: Dict[int, Tuple[int, int]] = {}
         todo: List[Tuple[int, torch.Tensor, str]] = []
         opt = self.optimizer
         in_pass = self._in_pass and self._fresh_step
         self._fresh_step = False
-        seen_params = set()
+        index = self._tensor_index
         if opt is not None:
-            position = 0
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    name = self._name_of(p, position)
-                    seen_params.add(id(p))
-                    fps = opt.fingerprints(p) if in_pass else {}
-                    state = opt.state.get(p, {})
-                    entries = [("param", name, p)]
-                    if p.grad is not None or "grad" in fps:
-                        entries.append(("grad", name, p.grad if p.grad is not None else p))
-                    entries += [("optim", f"{name}.{k}", v) for k, v in sorted(state.items())
-                                if isinstance(v, torch.Tensor)]
-                    for kind, n, t in entries:
-                        key = "param" if kind == "param" else "grad" if kind == "grad" else n[len(name) + 1:]
-                        i = self._tensor_index(kind, n, t)
-                        fp = fps.get(key)
+            all_fps: Dict[int, Dict[str, Fingerprint]] = {}
+            if in_pass:
+                opt._materialise()
+                all_fps = opt._fingerprints
+            state = opt.state
+            for p, name in self._opt_params:
+                fps = all_fps.get(id(p), {})
+                i = index("param", name, p)
+                fp = fps.get("param")
+                if fp is not None:
+                    got[i] = fp._lanes
+                else:
+                    todo.append((i, p, f"param {name}"))
+                g = p.grad
+                fp = fps.get("grad")
+                if fp is not None:
+                    got[index("grad", name, p if g is None else g)] = fp._lanes
+                elif g is not None:
+                    todo.append((index("grad", name, g), g, f"grad {name}"))
+                for k, v in sorted(state.get(p, {}).items()):
+                    if isinstance(v, torch.Tensor):
+                        i = index("optim", f"{name}.{k}", v)
+                        fp = fps.get(k)
                         if fp is not None:
-                            got[i] = fp.to_bytes()
+                            got[i] = fp._lanes
                         else:
-                            todo.append((i, t, f"{kind} {n}"))
-                    position += 1
-        if self.model is not None:
-            for n, p in self.model.named_parameters():
-                if id(p) in seen_params:
-                    continue
-                todo.append((self._tensor_index("param", n, p), p, f"param {n}"))
-                if p.grad is not None:
-                    todo.append((self._tensor_index("grad", n, p.grad), p.grad, f"grad {n}"))
-            for n, b in self.model.named_buffers():
-                if b is not None:
-                    todo.append((self._tensor_index("buffer", n, b), b, f"buffer {n}"))
+                            todo.append((i, v, f"optim {name}.{k}"))
+        for p, n in self._free_params:
+            todo.append((index("param", n, p), p, f"param {n}"))
+            if p.grad is not None:
+                todo.append((index("grad", n, p.grad), p.grad, f"grad {n}"))
+        for mod, key, n in self._buffers:
+            b = mod._buffers.get(key)
+            if b is not None:
+                todo.append((index("buffer", n, b), b, f"buffer {n}"))
         if self.extra:
             for n, t in named_state_tensors(self.extra):
-                todo.append((self._tensor_index("extra", n, t), t, f"extra {n}"))
+                todo.append((index("extra", n, t), t, f"extra {n}"))
         if todo:
-            fps = fingerprint_many([t.detach() for _, t, _ in todo], [label for _, _, label in todo])
+            fps = _fingerprint_many_small([t.detach() for _, t, _ in todo], [label for _, _, label in todo])
             for (i, _, _), fp in zip(todo, fps):
-                got[i] = fp.to_bytes()
+                got[i] = fp._lanes
         return got
 
     def _contract_digests(self) -> Dict[str, str]:
@@ -396,9 +442,10 @@ class Trail:
         bh = batch_hash(batch_ids)
         got = self._collect()
         n = len(self._index)
-        blob = bytearray(ABSENT * n)
-        for i, fp in got.items():
-            blob[16 * i:16 * i + 16] = fp
+        blob = bytearray(16 * n)  # zero bytes = ABSENT
+        pack = struct.pack_into
+        for i, (lane0, lane1) in got.items():
+            pack("<QQ", blob, 16 * i, lane0, lane1)
         r = rng_digests()
         self._rows.append((step, n, bytes(blob), loss, bh, r["torch"], r["cuda"], r["numpy"], r["python"],
                            json.dumps(self._contract_digests(), sort_keys=True), time.time()))
