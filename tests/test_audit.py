@@ -107,6 +107,26 @@ def test_in_pass_fingerprints_are_used_and_agree(tmp_path, monkeypatch):
     assert d.identical and d.first_step is None and d.steps_compared == 6, d.summary()
 
 
+def test_stale_in_pass_fingerprints_are_not_used(tmp_path):
+    """In-pass fingerprints describe the optimizer's last step: a record with no step since
+    (here after an in-place edit of a parameter) must fingerprint the live tensors instead."""
+    path = str(tmp_path / "s.trail")
+    model = _model()
+    opt = memstate.optim.Adam(model.parameters(), lr=1e-2, fingerprint=True)
+    with audit.Trail(path, model=model, optimizer=opt) as trail:
+        model(torch.randn(4, 4)).sum().backward()
+        opt.step()
+        trail.record(0)
+        with torch.no_grad():
+            model.head.weight.add_(1.0)
+        trail.record(1)
+    with audit.TrailReader(path) as r:
+        i = next(t.index for t in r.tensors if t.label == "param head.weight")
+        rows = list(r.rows())
+    assert rows[1].fingerprint(i) == memstate.fingerprint(model.head.weight)
+    assert rows[0].fingerprint(i) != rows[1].fingerprint(i)
+
+
 def test_every_and_step_context(tmp_path):
     path = str(tmp_path / "e.trail")
     model = _model()
