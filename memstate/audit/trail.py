@@ -258,13 +258,13 @@ class Trail:
         self._fresh_step = False
         self._hook = None
         self._in_pass = bool(getattr(optimizer, "fingerprint", False)) and hasattr(optimizer, "state_fingerprint")
-        if self._in_pass:
-            # in-pass fingerprints describe the last step; only trust them once per step
-            self._hook = optimizer.register_step_post_hook(self._on_step)
         self._plan()
         self._conn: Optional[sqlite3.Connection] = None
         header = self._header(dataloader)
         self._create(header, overwrite)
+        if self._in_pass:
+            # in-pass fingerprints describe the last step; only trust them once per step
+            self._hook = optimizer.register_step_post_hook(self._on_step)
 
     # -------------------------------------------------------------- file
     def _create(self, header: Dict[str, Any], overwrite: bool) -> None:
