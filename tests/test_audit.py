@@ -88,13 +88,13 @@ def test_in_pass_fingerprints_are_used_and_agree(tmp_path, monkeypatch):
     """With fingerprint=True the param, grad and state fingerprints come from the optimizer's
     pass (fingerprint_many sees only the buffers), and the trail equals one computed natively."""
     labels = []
-    real = trail_mod.fingerprint_many
+    real = trail_mod._fingerprint_lanes
 
-    def spy(tensors, names):  # the trail calls it through _fingerprint_many_small
+    def spy(tensors, names):
         labels.extend(names)
         return real(tensors, names)
 
-    monkeypatch.setattr(trail_mod, "fingerprint_many", spy)
+    monkeypatch.setattr(trail_mod, "_fingerprint_lanes", spy)
     a, b = str(tmp_path / "fp.trail"), str(tmp_path / "plain.trail")
     _train(a, optim="adam_fp")
     assert labels and all(lbl.startswith("buffer ") for lbl in labels), labels
@@ -357,6 +357,15 @@ def test_bad_input_names_the_item(tmp_path):
         assert r.steps() == [3, 4]
     with pytest.raises(RuntimeError, match="closed"):
         trail.record(5)
+
+
+def test_unfingerprintable_tensor_is_named(tmp_path):
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0]]), torch.tensor([1.0]), (3,))
+    with audit.Trail(str(tmp_path / "sp.trail"), model=_model(), extra={"sp": sparse}) as trail:
+        with pytest.raises(TypeError, match="extra sp"):
+            trail.record(0)
+    with audit.TrailReader(str(tmp_path / "sp.trail")) as r:
+        assert r.steps() == []
 
 
 def test_extra_state_is_recorded(tmp_path):

@@ -9,7 +9,6 @@ while training runs. See docs/audit.md for the schema.
 """
 from __future__ import annotations
 
-import array
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from memstate import _version, rng as _rng
+from memstate import _ext, _version, rng as _rng
 from memstate.fingerprint import Fingerprint, fingerprint_many, named_state_tensors
 
 __all__ = ["Trail", "TrailReader", "TrailError", "StepRecord", "KINDS", "FORMAT", "SCHEMA_VERSION"]
@@ -71,7 +70,7 @@ def rng_digests() -> Dict[str, Optional[str]]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     out["numpy"] = _h(name.encode(), keys.tobytes(), struct.pack("<qqd", pos, has_gauss, cached))
     version, internal, gauss = random.getstate()
-    out["python"] = _h(struct.pack("<q", version), array.array("Q", internal).tobytes(), repr(gauss).encode())
+    out["python"] = _h(struct.pack(f"<q{len(internal)}Q", version, *internal), repr(gauss).encode())
     return out
 
 
@@ -111,25 +110,46 @@ class _ContractChain:
 
 
 SERIAL_BYTES = 1 << 20  # below this many CPU bytes in all, fingerprint on the calling thread
+_M64 = (1 << 64) - 1
 
 
-def _fingerprint_many_small(tensors: List[torch.Tensor], names: List[str]) -> List[Fingerprint]:
-    """``fingerprint_many``, on one thread when the CPU tensors are small in all.
+def _native_lanes(tensors: List[torch.Tensor]) -> List[Tuple[int, int]]:
+    """msfp1 lanes of dense tensors: one native call per device, no per-tensor Python checks.
 
     The native op spreads its 512 KiB chunks (at least one per tensor) over the intra-op
     threads; for a few BatchNorm buffers that costs a thread wake-up and barrier per call,
-    which on a busy machine was measured at 3-16 ms against about 10 us on one thread.
-    Results never depend on the thread count (msfp1 sums are order-free), so this only
-    changes the time. Note: ``torch.set_num_threads`` is process-wide for the call's length."""
-    small = sum(t.numel() * t.element_size() for t in tensors if t.device.type == "cpu") < SERIAL_BYTES
+    which on a busy machine was measured at 3-16 ms against about 10 us on one thread. So
+    when the CPU tensors are small in all the call runs on one thread (``torch.set_num_threads``
+    is process-wide for the call's length). Results never depend on the thread count."""
+    ops = _ext.ops()
+    out: List[Optional[Tuple[int, int]]] = [None] * len(tensors)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
     threads = torch.get_num_threads()
-    if not small or threads == 1:
-        return fingerprint_many(tensors, names)
-    torch.set_num_threads(1)
+    for device, idxs in by_device.items():
+        group = [tensors[i] for i in idxs]
+        serial = (device.type == "cpu" and threads > 1
+                  and sum(t.numel() * t.element_size() for t in group) < SERIAL_BYTES)
+        if serial:
+            torch.set_num_threads(1)
+        try:
+            rows = ops.fingerprint(group).cpu().tolist()
+        finally:
+            if serial:
+                torch.set_num_threads(threads)
+        for i, (a, b) in zip(idxs, rows):
+            out[i] = (a & _M64, b & _M64)
+    return out  # type: ignore[return-value]
+
+
+def _fingerprint_lanes(tensors: List[torch.Tensor], names: List[str]) -> List[Tuple[int, int]]:
+    """``_native_lanes``; if the native op refuses a tensor, ``fingerprint_many`` says which
+    one (an error naming it) or handles it."""
     try:
-        return fingerprint_many(tensors, names)
-    finally:
-        torch.set_num_threads(threads)
+        return _native_lanes(tensors)
+    except (RuntimeError, TypeError, ValueError):
+        return [fp._lanes for fp in fingerprint_many(tensors, names)]
 
 
 # ------------------------------------------------------------------------------- header
@@ -159,8 +179,6 @@ def _loader_info(loader: Any) -> Dict[str, Any]:
 
 
 def _build_info() -> Dict[str, Any]:
-    from memstate import _ext
-
     info = _ext.build_info()
     return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in info.items()}
 
@@ -404,9 +422,9 @@ class Trail:
             for n, t in named_state_tensors(self.extra):
                 todo.append((index("extra", n, t), t, f"extra {n}"))
         if todo:
-            fps = _fingerprint_many_small([t.detach() for _, t, _ in todo], [label for _, _, label in todo])
-            for (i, _, _), fp in zip(todo, fps):
-                got[i] = fp._lanes
+            lanes = _fingerprint_lanes([t.detach() for _, t, _ in todo], [label for _, _, label in todo])
+            for (i, _, _), lane in zip(todo, lanes):
+                got[i] = lane
         return got
 
     def _contract_digests(self) -> Dict[str, str]:
