@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 # Tensor kinds in cause-before-consequence order: a step reads the gradient, updates the
 # optimizer state from it, then the parameter; buffers (BatchNorm) and extra state come last.
 KINDS: Tuple[str, ...] = ("grad", "optim", "param", "buffer", "extra")
+_M64 = (1 << 64) - 1
 ABSENT = bytes(16)  # a tensor not present at a step (e.g. no gradient, state not created yet)
 
 _SCHEMA = """
@@ -109,8 +110,20 @@ class _ContractChain:
         return self._h.hexdigest()
 
 
+def _in_pass_lanes(opt: Any) -> Dict[int, Dict[str, Tuple[int, int]]]:
+    """id(param) -> role -> lanes of a memstate FusedOptimizer's last step, read from its
+    pending kernel rows (one ``tolist`` per bucket) without building the per-tensor
+    ``Fingerprint`` objects ``opt.fingerprints(p)`` would; the pending rows are left in place,
+    so ``opt.fingerprints()`` still works afterwards. Mirrors ``FusedOptimizer._materialise``."""
+    out: Dict[int, Dict[str, Tuple[int, int]]] = {
+        pid: {role: fp._lanes for role, fp in fps.items()} for pid, fps in opt._fingerprints.items()}
+    for bucket, roles, rows in opt._pending:
+        for p, per_role in zip(bucket, rows.cpu().tolist()):
+            out.setdefault(id(p), {}).update({role: (a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)})
+    return out
+
+
 SERIAL_BYTES = 1 << 20  # below this many CPU bytes in all, fingerprint on the calling thread
-_M64 = (1 << 64) - 1
 
 
 def _native_lanes(tensors: List[torch.Tensor]) -> List[Tuple[int, int]]:
@@ -383,31 +396,28 @@ class Trail:
         self._fresh_step = False
         index = self._tensor_index
         if opt is not None:
-            all_fps: Dict[int, Dict[str, Fingerprint]] = {}
-            if in_pass:
-                opt._materialise()
-                all_fps = opt._fingerprints
+            all_fps = _in_pass_lanes(opt) if in_pass else {}
             state = opt.state
             for p, name in self._opt_params:
                 fps = all_fps.get(id(p), {})
                 i = index("param", name, p)
-                fp = fps.get("param")
-                if fp is not None:
-                    got[i] = fp._lanes
+                lanes = fps.get("param")
+                if lanes is not None:
+                    got[i] = lanes
                 else:
                     todo.append((i, p, f"param {name}"))
                 g = p.grad
-                fp = fps.get("grad")
-                if fp is not None:
-                    got[index("grad", name, p if g is None else g)] = fp._lanes
+                lanes = fps.get("grad")
+                if lanes is not None:
+                    got[index("grad", name, p if g is None else g)] = lanes
                 elif g is not None:
                     todo.append((index("grad", name, g), g, f"grad {name}"))
                 for k, v in sorted(state.get(p, {}).items()):
                     if isinstance(v, torch.Tensor):
                         i = index("optim", f"{name}.{k}", v)
-                        fp = fps.get(k)
-                        if fp is not None:
-                            got[i] = fp._lanes
+                        lanes = fps.get(k)
+                        if lanes is not None:
+                            got[i] = lanes
                         else:
                             todo.append((i, v, f"optim {name}.{k}"))
         for p, n in self._free_params:
