@@ -76,8 +76,14 @@ def _bind_optimizer(opt, meta: Mapping[str, Any], keys: Dict[int, str], tensors,
             only_live = [n for n in live if n not in set(saved)]
             raise SnapshotError(f"optimizer param group {gi}: different parameters: in the snapshot only "
                                 f"{_names(only_saved) or '-'}; live only {_names(only_live) or '-'}")
+    return binding, _hyperparameters(opt, saved_groups, policy)
+
+
+def _hyperparameters(opt, saved_groups: List[Any], policy: str) -> Optional[List[dict]]:
+    """The param groups' hyperparameters to set (``policy`` "snapshot"), or None ("live"; "check"
+    after refusing any difference, naming the group and key). ``saved_groups``: decoded."""
     if policy == "live":
-        return binding, None
+        return None
     if policy == "check":
         for gi, (g, saved) in enumerate(zip(opt.param_groups, saved_groups)):
             for k in sorted(set(saved) | (set(g) - {"params"}), key=str):
@@ -87,11 +93,11 @@ def _bind_optimizer(opt, meta: Mapping[str, Any], keys: Dict[int, str], tensors,
                         f"{saved.get(k, '<absent>')!r}, the live optimizer {g.get(k, '<absent>')!r}; pass "
                         f"hyperparameters='snapshot' to restore the snapshot's values (e.g. a scheduled "
                         f"learning rate) or 'live' to keep the live ones")
-        return binding, None
+        return None
     for gi, saved in enumerate(saved_groups):
         if not isinstance(saved, dict) or "params" in saved:
             raise SnapshotError(f"optimizer param group {gi}: invalid hyperparameters in the snapshot")
-    return binding, saved_groups
+    return saved_groups
 
 
 @dataclass
@@ -104,4 +110,5 @@ class _Plan:
     opt_state: Dict[int, dict]  # saved index -> state (tensors filled in by _apply)
     loads: List[Tuple[str, Any, Any]]  # (what, object, decoded state_dict) for load_state_dict
     rng: Optional[dict]  # _check_rng output
+    fast: bool = False  # bound plan still valid: targets are its tensors, optimizer state keys unchanged
 

@@ -9,9 +9,9 @@ import torch
 from memstate import _ext
 from memstate.fingerprint import Fingerprint, StateFingerprint
 from memstate.snapshot import _format
-from memstate.snapshot._arena import (_bump_versions, _check_tensor, _collect, _collect_tensor_names, _copy, _layout,
-                                      _param_keys, _rows_to_cpu)
-from memstate.snapshot._bind import _HYPER_POLICIES, _Plan, _bind_optimizer, _param_index
+from memstate.snapshot._arena import (_Bound, _bump_versions, _check_names, _collect_tensor_names, _copy, _dynamic,
+                                      _layout, _param_keys, _rows_to_cpu)
+from memstate.snapshot._bind import _HYPER_POLICIES, _Plan, _bind_optimizer, _hyperparameters, _param_index
 from memstate.snapshot._common import _M64, SnapshotError, _bytes_view, _dtype_name, _Entry, _typed
 from memstate.snapshot._rng import _check_rng, _restore_rng
 from memstate.snapshot._tree import _decode
@@ -29,10 +29,15 @@ class Snapshot:
         self._meta: dict = {}
         self._pending: Optional[List[Any]] = None  # CUDA events of to="cpu" copies in flight
         self._slots: List[torch.Tensor] = []
-        self._last_srcs: List[torch.Tensor] = []
         self._fp_parts: List[Tuple[List[int], torch.Tensor]] = []
         self._fp_rows: Optional[torch.Tensor] = None
         self._hyper = "snapshot"  # restore(): param-group hyperparameters (see _HYPER_POLICIES)
+        self._bound: Optional[_Bound] = None  # the capture plan (live tensors + structure signature)
+        self._layout_of: Optional[_Bound] = None  # the plan the entries and copy groups were built from
+        self._dyn_key: list = []  # (name, dtype, shape, device) of the JSON tree's tensors at the last layout
+        self._groups: list = []  # per device: (entry indices or None, arena views) for the fused copy
+        self._spilled: List[int] = []  # to="cpu": entries of device tensors, copied on a side stream
+        self._restore_groups: Optional[list] = None  # per device: (plan indices or None, live targets, views)
 
     # ------------------------------------------------------------------ capture
     @classmethod
@@ -68,44 +73,65 @@ class Snapshot:
     def _arena_device(self, t: torch.Tensor) -> torch.device:
         return torch.device("cpu") if self._to == "cpu" else t.device
 
-    def _capture(self) -> None:
+    def _capture(self, retry: bool = True) -> None:
         self._wait()
-        named, meta = _collect(self._sources, self._rng)
-        srcs = [t for _, t, _ in named]
-        # Fast path (recapture of the same live tensors): same objects, shapes and dtypes as the
-        # last capture, so the layout, the arenas and the arena views are reused as they are.
-        same = (len(srcs) == len(self._last_srcs) and len(self._slots) == len(srcs) and all(
-            a is b and a.dtype == e.dtype and a.shape == e.shape
-            for a, b, e in zip(srcs, self._last_srcs, self._entries)))
-        if not same:
-            for n, t, _ in named:
-                _check_tensor(n, t)
-            entries, sizes = _layout(named, self._arena_device)
-            if not (len(entries) == len(self._entries) and all(
-                    (a.name, a.dtype, a.shape, a.device, a.offset) == (b.name, b.dtype, b.shape, b.device, b.offset)
-                    for a, b in zip(entries, self._entries)) and set(sizes) == set(self._arenas)):
-                self._arenas = {}
-                for dev, size in sizes.items():
-                    pin = self._to == "cpu" and torch.cuda.is_available()
-                    self._arenas[dev] = torch.empty(size, dtype=torch.uint8, device=dev, pin_memory=pin)
-            self._entries = entries
-            self._slots = [self._slot(e) for e in entries]  # arena views, reused by recapture()
-        self._last_srcs = srcs
-        srcs = [t.detach() for t in srcs]
-        srcs = [t if t.is_contiguous() and not t.is_conj() and not t.is_neg()
-                else t.resolve_conj().resolve_neg().contiguous() for t in srcs]
-        # tensors whose arena is on their device: one fused copy + fingerprint per device
-        if self._to != "cpu":
-            local, spilled = list(range(len(srcs))), []
-        else:
-            local = [i for i, t in enumerate(srcs) if t.device.type == "cpu"]
-            spilled = [i for i, t in enumerate(srcs) if t.device.type != "cpu"]
-        parts = [([local[j] for j in idxs], rows)
-                 for idxs, rows in _copy([srcs[i] for i in local], [self._slots[i] for i in local], True)]
-        if spilled:  # to="cpu": fingerprint on the device, copy to pinned memory on a side stream
-            parts += self._spill([srcs[i] for i in spilled], [self._slots[i] for i in spilled], spilled)
+        bound = self._bound
+        if bound is None or not bound.valid():
+            bound = self._bound = _Bound(self._sources)  # the full walk; cached until the structure changes
+        dyn, meta = _dynamic(self._sources, self._rng, bound)
+        dyn_key = [(n, t.dtype, t.shape, t.device) for n, t in dyn]
+        if self._layout_of is not bound or dyn_key != self._dyn_key:
+            self._build_layout(bound, dyn)
+            self._dyn_key = dyn_key
+        srcs = bound.tensors + [t for _, t in dyn]
+        try:
+            with torch.no_grad():  # live parameters as they are (no detach): autograd's fallback is cheaper so
+                parts = [(idxs, _ext.ops().copy_fingerprint(srcs if idxs is None else [srcs[i] for i in idxs], dsts,
+                                                            True)) for idxs, dsts in self._groups]
+        except RuntimeError:
+            # a tensor moved to another device since the plan was built (``p.data = p.data.to(...)``
+            # keeps the object): the op checks devices and byte counts before writing anything
+            if not retry:
+                raise
+            self._bound = None
+            return self._capture(retry=False)
+        if self._spilled:  # to="cpu": fingerprint on the device, copy to pinned memory on a side stream
+            sp = [srcs[i].detach() for i in self._spilled]
+            sp = [t if t.is_contiguous() and not t.is_conj() and not t.is_neg()
+                  else t.resolve_conj().resolve_neg().contiguous() for t in sp]
+            parts += self._spill(sp, [self._slots[i] for i in self._spilled], self._spilled)
         self._fp_parts, self._fp_rows = parts, None
         self._meta = meta
+
+    def _build_layout(self, bound: _Bound, dyn: List[Tuple[str, torch.Tensor]]) -> None:
+        """Entries, arenas (reused when the layout is unchanged) and the per-device copy lists
+        for the plan's tensors followed by the tensors of the JSON tree."""
+        named = [(n, t, True) for n, t in bound.named] + [(n, t, False) for n, t in dyn]
+        _check_names(named)
+        entries, sizes = _layout(named, self._arena_device)
+        if not (len(entries) == len(self._entries) and all(
+                (a.name, a.dtype, a.shape, a.device, a.offset) == (b.name, b.dtype, b.shape, b.device, b.offset)
+                for a, b in zip(entries, self._entries)) and set(sizes) == set(self._arenas)):
+            self._arenas = {}
+            for dev, size in sizes.items():
+                pin = self._to == "cpu" and torch.cuda.is_available()
+                self._arenas[dev] = torch.empty(size, dtype=torch.uint8, device=dev, pin_memory=pin)
+        self._entries = entries
+        self._slots = [self._slot(e) for e in entries]  # arena views, reused by recapture()
+        local = [i for i, e in enumerate(entries) if self._to != "cpu" or e.device.type == "cpu"]
+        self._spilled = [i for i, e in enumerate(entries) if self._to == "cpu" and e.device.type != "cpu"]
+        self._groups = self._device_groups(local, self._slots)
+        self._restore_groups = None
+        self._layout_of = bound
+
+    @staticmethod
+    def _device_groups(idxs: List[int], other: List[torch.Tensor]):
+        """[(entry indices or None for all in order, the `other` tensors at them)] per device."""
+        by_device: Dict[torch.device, List[int]] = {}
+        for i in idxs:
+            by_device.setdefault(other[i].device, []).append(i)
+        return [(None if len(by_device) == 1 and ii == list(range(len(other))) else ii, [other[i] for i in ii])
+                for ii in by_device.values()]
 
     def _spill(self, srcs: List[torch.Tensor], dsts: List[torch.Tensor], idxs: List[int]):
         """Device-to-host copies of `srcs` into pinned `dsts`, asynchronous, stream-ordered.
@@ -209,6 +235,9 @@ class Snapshot:
             raise SnapshotError(f"the snapshot's state cannot be applied: {type(e).__name__}: {e}") from None
 
     def _plan_unchecked(self, policy: str) -> "_Plan":
+        bound = self._bound
+        if bound is not None and self._layout_of is bound and self._to != "cpu" and bound.valid(strict=True):
+            return self._plan_bound(policy, bound)
         live_named, _ = _collect_tensor_names(self._sources)
         captured = {e.name for e in self._entries}
         missing = [e.name for e in self._entries if e.in_state and not e.name.startswith("optimizer.")
@@ -255,6 +284,13 @@ class Snapshot:
             else:
                 t = None
             targets.append(t)
+        loads, rng_state = self._check_objects(tensors)
+        return _Plan(targets, tensors, binding, groups, opt_state, loads, rng_state)
+
+    def _check_objects(self, tensors: Dict[str, torch.Tensor]):
+        """(load_state_dict calls, checked RNG state): the decoded state of stateful extras,
+        sampler, scheduler and scaler, each validated where the object can, and every RNG state
+        tried on scratch generators."""
         loads = []
         extra = self._sources.get("extra") or {}
         for key, kind in self._meta.get("extra", {}).items():
@@ -278,7 +314,27 @@ class Snapshot:
                 except (TypeError, ValueError) as e:
                     raise SnapshotError(f"{what}: {e}") from None
         rng_state = _check_rng(self._meta["rng"], tensors) if "rng" in self._meta else None
-        return _Plan(targets, tensors, binding, groups, opt_state, loads, rng_state)
+        return loads, rng_state
+
+    def _plan_bound(self, policy: str, bound: _Bound) -> "_Plan":
+        """``_plan_unchecked`` while the capture's plan is still valid: the live objects hold
+        exactly the captured tensors (same objects, dtypes, shapes, devices, contiguous), the
+        optimizer the same param groups, parameters and state keys. So names need no check, the
+        optimizer binds by position, and only non-tensor optimizer state, hyperparameters, the
+        JSON-tree objects and RNGs are decoded and checked."""
+        n = len(bound.tensors)
+        tensors = {e.name: _typed(self._slot(e), e) for e in self._entries[n:]}
+        opt = self._sources.get("optimizer")
+        binding = groups = None
+        opt_state: Dict[int, dict] = {}
+        if opt is not None:
+            meta = self._meta["optimizer"]
+            binding = bound.params
+            groups = _hyperparameters(opt, [_decode(g, tensors) for g in meta["param_groups"]], policy)
+            opt_state = {i: dict(_decode(meta["state"][str(i)], tensors)) for i, _ in bound.non_tensor}
+        loads, rng_state = self._check_objects(tensors)
+        return _Plan(bound.tensors + [None] * (len(self._entries) - n), tensors, binding, groups, opt_state, loads,
+                     rng_state, fast=True)
 
     def restore(self, *, hyperparameters: Optional[str] = None) -> None:
         """Writes the captured state back into the live objects, in place, verifying every
@@ -307,35 +363,20 @@ class Snapshot:
                 raise SnapshotError(f"{what}: load_state_dict refused the snapshot's state ({type(e).__name__}: {e}); "
                                     f"nothing was restored") from None
         # 2. tensors, in place (optimizer state tensors that do not exist live are allocated)
-        targets = list(plan.targets)
-        for i, (e, t) in enumerate(zip(self._entries, targets)):
-            if t is None and e.in_state:
-                targets[i] = torch.empty(e.shape, dtype=e.dtype, device=e.device)
-        in_place = [i for i, t in enumerate(targets) if t is not None]
-        srcs, dsts, tmp_back = [], [], []
-        for i in in_place:
-            e, t = self._entries[i], targets[i]
-            src = self._slots[i] if self._slots else self._slot(e)
-            if src.device != t.device:
-                src = src.to(t.device, non_blocking=True)
-            dst = t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
-            if dst is not t:
-                tmp_back.append((t, dst))
-            srcs.append(src)
-            dsts.append(dst)  # the op copies bytes: any dtype of the same byte count will do
-        got = _rows_to_cpu(len(self._entries), _copy(srcs, dsts, True), index_map=in_place)
-        for t, dst in tmp_back:
-            t.copy_(dst)
-        want = self._fingerprint_rows()
-        sel = torch.tensor(in_place, dtype=torch.long)
-        bad = [] if torch.equal(got[sel], want[sel]) else [
-            self._entries[i].name for i in in_place if not torch.equal(got[i], want[i])]
-        if bad:  # the arena itself changed in memory since capture/load: nothing to fall back to
-            raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
-        _bump_versions([targets[i] for i in in_place if self._entries[i].name.startswith(("model.", "extra."))])
+        if plan.fast:
+            self._copy_back_bound()
+        else:
+            self._copy_back(plan)
         # 3. the optimizer's state and param groups, bound by parameter name
         opt = self._sources.get("optimizer")
-        if plan.binding is not None:
+        if plan.fast and plan.binding is not None:  # same state dicts and keys as captured
+            if plan.groups is not None:
+                for g, saved in zip(opt.param_groups, plan.groups):
+                    g.update(saved)
+            for i, values in plan.opt_state.items():
+                opt.state[plan.binding[i]].update(values)
+        elif plan.binding is not None:
+            targets = plan.targets
             for e, t in zip(self._entries, targets):
                 if e.in_state and e.name.startswith("optimizer.state."):
                     _, _, index, key = e.name.split(".", 3)
@@ -354,6 +395,56 @@ class Snapshot:
         # 4. RNGs (validated by _check_rng)
         if plan.rng is not None:
             _restore_rng(plan.rng)
+
+    def _copy_back_bound(self) -> None:
+        """The fused copy back into the bound plan's tensors: one native call per device, with
+        the argument lists built once per layout; fingerprints verified."""
+        bound = self._layout_of
+        n = len(bound.tensors)
+        if self._restore_groups is None:
+            self._restore_groups = [(idxs, [self._slots[i] for i in (range(n) if idxs is None else idxs)], dsts)
+                                    for idxs, dsts in self._device_groups(list(range(n)), bound.tensors)]
+        ops = _ext.ops()
+        with torch.no_grad():
+            parts = [(idxs, ops.copy_fingerprint(srcs, dsts, True)) for idxs, srcs, dsts in self._restore_groups]
+        got = _rows_to_cpu(n, parts)
+        want = self._fingerprint_rows()[:n]
+        if not torch.equal(got, want):  # the arena itself changed in memory since capture
+            bad = [self._entries[i].name for i in range(n) if not torch.equal(got[i], want[i])]
+            raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
+        _bump_versions(bound.bump)
+
+    def _copy_back(self, plan: "_Plan") -> None:
+        """The fused copy back into ``plan.targets`` (allocating optimizer state that does not
+        exist live, staging non-contiguous targets), fingerprints verified."""
+        targets = list(plan.targets)
+        for i, (e, t) in enumerate(zip(self._entries, targets)):
+            if t is None and e.in_state:
+                targets[i] = torch.empty(e.shape, dtype=e.dtype, device=e.device)
+        in_place = [i for i, t in enumerate(targets) if t is not None]
+        srcs, dsts, tmp_back = [], [], []
+        for i in in_place:
+            e, t = self._entries[i], targets[i]
+            src = self._slots[i] if self._slots else self._slot(e)
+            if src.device != t.device:
+                src = src.to(t.device, non_blocking=True)
+            dst = t if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
+            if dst is not t:
+                tmp_back.append((t, dst))
+            srcs.append(src)
+            dsts.append(dst)  # the op copies bytes: any dtype of the same byte count will do
+        got = _rows_to_cpu(len(self._entries), _copy(srcs, dsts, True), index_map=in_place)
+        with torch.no_grad():  # parameters are leaves that require grad
+            for t, dst in tmp_back:
+                t.copy_(dst)
+        want = self._fingerprint_rows()
+        sel = torch.tensor(in_place, dtype=torch.long)
+        bad = [] if torch.equal(got[sel], want[sel]) else [
+            self._entries[i].name for i in in_place if not torch.equal(got[i], want[i])]
+        if bad:  # the arena itself changed in memory since capture/load: nothing to fall back to
+            raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
+        _bump_versions([targets[i] for i in in_place if self._entries[i].name.startswith(("model.", "extra."))])
+        plan.targets[:] = targets  # allocated optimizer state tensors, for step 3
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str, *, timeout: Optional[float] = None) -> None:
