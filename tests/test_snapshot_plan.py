@@ -249,7 +249,11 @@ def test_buffer_and_submodule_changes():
 def test_extra_dict_of_tensors_gains_a_key():
     net, opt = make()
     queue = {"q": torch.randn(4)}
-    snap = Snapshot.capture(net, opt, extra={"queue": queue})
+    many = {f"t{i}": torch.full((2,), float(i)) for i in range(300)}
+    snap = Snapshot.capture(net, opt, extra={"queue": queue, "many": many})
+    plan = snap._bound
+    snap.recapture()
+    assert snap._bound is plan  # a large dict of tensors does not defeat the plan
     queue["ptr"] = torch.zeros((), dtype=torch.long)
     snap.recapture()
     assert "extra.queue.ptr" in snap.names

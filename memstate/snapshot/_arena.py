@@ -147,8 +147,7 @@ class _Bound:
                 items += _optimizer_items(obj)
             elif kind == "tensor":
                 items.append(obj)
-            else:
-                items.append(len(obj))
+            else:  # (no counts here: ints above 256 are new objects every time)
                 items += [x for kv in obj.items() for x in kv]
         return items
 
