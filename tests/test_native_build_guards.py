@@ -43,3 +43,40 @@ def test_nvcc_fast_math_refused(tmp_path, flags, ok):
     assert (proc.returncode == 0) == ok, proc.stderr[-2000:]
     if not ok:
         assert "memstate_error_built_with_fast_math" in proc.stderr
+
+
+@pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
+def test_cuda_unaligned_word_access_helpers_on_the_host(tmp_path):
+    """The CUDA fingerprint kernel reads (and copies) misaligned sources with
+    load_words16/store_words16 from cuda_vec.h, host+device code: compiled for the host here and
+    checked against memcpy at every offset 0..15 with every alignment the kernel picks."""
+    src = tmp_path / "t.cpp"
+    src.write_text(r'''
+#include <cstdio>
+#include <cstring>
+#include "memstate/cuda_vec.h"
+int main() {
+  alignas(16) unsigned char buf[64], out[64];
+  for (int i = 0; i < 64; ++i) buf[i] = static_cast<unsigned char>(i * 37 + 11);
+  for (int off = 0; off < 16; ++off) {
+    const unsigned char* p = buf + off;
+    const int align = memstate::address_align(p);
+    if (align != (off == 0 ? 16 : off % 4 == 0 ? 4 : 1)) { std::printf("align %d at %d\n", align, off); return 1; }
+    uint32_t w[4], want[4];
+    memstate::load_words16(p, align == 16 ? 4 : align, w);
+    std::memcpy(want, p, 16);  // x86 is little-endian, as msfp1's words
+    if (std::memcmp(w, want, 16) != 0) { std::printf("load at %d\n", off); return 1; }
+    std::memset(out, 0, sizeof out);
+    memstate::store_words16(out + off, align == 16 ? 4 : align, w);
+    if (std::memcmp(out + off, p, 16) != 0) { std::printf("store at %d\n", off); return 1; }
+  }
+  std::printf("ok\n");
+  return 0;
+}
+''')
+    exe = tmp_path / "t"
+    build = subprocess.run([CXX, "-std=c++17", "-O2", f"-I{INCLUDE}", str(src), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
