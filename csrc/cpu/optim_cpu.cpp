@@ -32,6 +32,10 @@ __attribute__((always_inline)) inline void update_range(const Op& op, typename O
   using T = typename Op::storage_t;
   using M = typename Op::M;
   constexpr int R = Op::kRoles;
+  // Local copies of the scalars: they provably do not alias the arrays written below, so the
+  // compiler keeps them in registers and vectorises every variant (amsgrad included).
+  const Op o = op;
+  const optim::TensorScalars<M> t = ts;
   T* p[R];
   for (int r = 0; r < R; ++r) p[r] = ptr[r];
 #pragma GCC ivdep
@@ -39,7 +43,7 @@ __attribute__((always_inline)) inline void update_range(const Op& op, typename O
     M x[R];
 #pragma GCC unroll 5
     for (int r = 0; r < R; ++r) x[r] = to_math(p[r][i]);
-    op(x, ts);
+    o(x, t);
 #pragma GCC unroll 5
     for (int r = 0; r < R; ++r) {
       if (r != optim::kGrad) p[r][i] = to_storage<T>(x[r]);
