@@ -115,16 +115,21 @@ inline void check_no_overlap(std::vector<ByteRange> ranges, const char* op) {
 // are the logical row-major bytes of the inputs (conjugate and negative views materialised).
 // Every tensor must be strided and live on `device`; errors name the offending index.
 inline std::vector<at::Tensor> contiguous_bytes_views(at::TensorList tensors, const char* op,
-                                                      const c10::Device& device) {
+                                                      const c10::Device& device, const char* name = "tensors") {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.layout() == at::kStrided, "memstate.", op, ": tensors[", i,
+    TORCH_CHECK(t.layout() == at::kStrided, "memstate.", op, ": ", name, "[", i,
                      "] has layout ", t.layout(), "; only dense strided tensors are supported");
-    TORCH_CHECK(t.device() == device, "memstate.", op, ": tensors[", i, "] is on ", t.device(),
-                " but tensors[0] is on ", device, "; pass one device per call");
-    out.push_back(t.resolve_conj().resolve_neg().contiguous());
+    TORCH_CHECK(t.device() == device, "memstate.", op, ": ", name, "[", i, "] is on ", t.device(),
+                " but ", name, "[0] is on ", device, "; pass one device per call");
+    try {
+      out.push_back(t.resolve_conj().resolve_neg().contiguous());
+    } catch (const c10::Error& e) {  // e.g. a huge expanded view the allocator refuses
+      TORCH_CHECK(false, "memstate.", op, ": ", name, "[", i, "] (shape ", t.sizes(), ", ", t.scalar_type(),
+                  ") could not be made contiguous: ", e.what_without_backtrace());
+    }
   }
   return out;
 }

@@ -93,7 +93,7 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
   common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device);
   TORCH_CHECK(dst.size() == src.size(), "memstate.copy_fingerprint: ", src.size(), " sources but ", dst.size(),
               " destinations");
-  auto ts = contiguous_bytes_views(src, "copy_fingerprint", device);
+  auto ts = contiguous_bytes_views(src, "copy_fingerprint", device, "src");
   const auto dptr = checked_copy_targets(ts, dst, "copy_fingerprint");
   at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0), &dptr, fingerprint);
   if (!fingerprint) return at::empty({0}, at::kLong);

@@ -27,7 +27,7 @@ at::Tensor msfp1_run(const c10::Device& device, at::TensorList tensors, at::IntA
                      const char* op, at::TensorList dst = {}, bool hash = true) {
   TORCH_CHECK(device.is_cuda(), "memstate.", op, ": tensors[0] is on ", device, " in a CUDA call");
   c10::cuda::CUDAGuard guard(device);
-  auto ts = contiguous_bytes_views(tensors, op, device);
+  auto ts = contiguous_bytes_views(tensors, op, device, dst.empty() && hash ? "tensors" : "src");
   const auto firsts = checked_first_pairs(first_pairs, ts.size(), op);
   std::vector<unsigned char*> dptr;
   if (!dst.empty() || hash == false) dptr = checked_copy_targets(ts, dst, op);
