@@ -49,6 +49,22 @@ def _write_build_stamp():
     return out_dir
 
 
+# Flags that break the bit-for-bit contract; refused when found in the compiler environment
+# (the sources also refuse them: #error for host -ffast-math, a ptxas-time guard for nvcc).
+_FAST_MATH_FLAGS = ("-ffast-math", "-Ofast", "--use_fast_math", "-use_fast_math", "-ftz=true", "--ftz=true",
+                    "-prec-div=false", "--prec-div=false", "-prec-sqrt=false", "--prec-sqrt=false")
+
+
+def _refuse_fast_math_env():
+    for var in ("NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS", "CFLAGS", "CXXFLAGS", "CPPFLAGS"):
+        bad = [f for f in os.environ.get(var, "").split() if f in _FAST_MATH_FLAGS]
+        if bad:
+            raise SystemExit(
+                f"memstate: {var} contains {' '.join(bad)}; memstate's kernels must be built with IEEE "
+                f"arithmetic (no fast math, no flush-to-zero) for CPU == CUDA bit equality. Unset it."
+            )
+
+
 def _want_cuda(torch, cpp_extension):
     if os.environ.get("MEMSTATE_NO_CUDA") == "1":
         return False
@@ -58,6 +74,7 @@ def _want_cuda(torch, cpp_extension):
 
 
 def extensions():
+    _refuse_fast_math_env()
     import torch
     from torch.utils import cpp_extension
 

@@ -36,8 +36,10 @@ def time_once(fn: Callable[[], object], device: str, inner: int = 1) -> float:
 
 
 def interleaved(cases: Dict[str, Callable[[], object]], device: str, rounds: int = 7,
-                inner: int = 1, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call of each case, measured round-robin so drift hits all alike."""
+                inner: int = 1, warmup: int = 2, stat: str = "median") -> Dict[str, float]:
+    """Median (or minimum, stat="min") seconds per call of each case, measured round-robin so
+    drift hits all alike. The minimum is the better estimate of the undisturbed time on a
+    machine shared with other jobs; the median says what a typical call costs there."""
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -46,7 +48,8 @@ def interleaved(cases: Dict[str, Callable[[], object]], device: str, rounds: int
     for _ in range(rounds):
         for name, fn in cases.items():
             samples[name].append(time_once(fn, device, inner))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    reduce = min if stat == "min" else statistics.median
+    return {k: reduce(v) for k, v in samples.items()}
 
 
 def select_devices(choice: str) -> List[str]:
@@ -77,18 +80,21 @@ def machine() -> str:
 
 
 def parse_args(doc: str, default_rounds: int, argv=None):
-    """The benchmarks' shared options: --device cpu|cuda|all, --quick, --rounds, --json."""
+    """The benchmarks' shared options: --device cpu|cuda|all, --quick, --rounds, --json, --stat."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    ap.add_argument("--rounds", type=int, default=default_rounds)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help=f"rounds per case (default {default_rounds}; 3 with --quick)")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--stat", default="median", choices=["median", "min"],
+                    help="per-case statistic over the rounds (min: robust on a busy machine)")
     args = ap.parse_args(argv)
     args.devices = select_devices(args.device)
-    if args.quick:
-        args.rounds = 3
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else default_rounds
     return args
 
 

@@ -8,7 +8,7 @@ its time) as a fraction of a plain device copy of the same number of bytes. Targ
 CPU: fingerprint off <= 1.0x torch fused AdamW, fingerprint on <= 1.5x; CUDA: <= 1.0x fused,
 fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
 
-    python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--json out.json]
+    python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--stat median|min] [--json out.json]
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def contenders(kind: str, device: str, total: int, ntensors: int):
     return out
 
 
-def bench(device: str, quick: bool, rounds: int):
+def bench(device: str, quick: bool, rounds: int, stat: str = "median"):
     rows = []
     if quick:
         grid = [(1_000_000, 10), (1_000_000, 1000)]
@@ -83,7 +83,8 @@ def bench(device: str, quick: bool, rounds: int):
             cases = contenders(kind, device, total, ntensors)
             cases["copy (anchor)"] = lambda: dst.copy_(src)
             r = rounds if total < 100_000_000 else max(3, rounds // 2)
-            t = _timing.interleaved(cases, device, rounds=r, inner=1 if device == "cpu" or total >= 10_000_000 else 5)
+            t = _timing.interleaved(cases, device, rounds=r, inner=1 if device == "cpu" or total >= 10_000_000 else 5,
+                                    stat=stat)
             copy_gbs = src.numel() * 4 * 2 / t["copy (anchor)"] / 1e9
             fused = t.get("torch fused")
             for name, sec in t.items():
@@ -113,7 +114,7 @@ def main(argv=None):
     args = _timing.parse_args(__doc__, default_rounds=7, argv=argv)
     rows = []
     for dev in args.devices:
-        rows += bench(dev, args.quick, args.rounds)
+        rows += bench(dev, args.quick, args.rounds, args.stat)
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"
     _timing.print_rows(
         rows,

@@ -26,8 +26,10 @@ struct OptimArgs {
 };
 
 // Checks that every role list has one dense, contiguous tensor per parameter, all on one
-// device, with the parameter's dtype and shape. Errors name the list and index.
-inline OptimArgs check_optim_args(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> lists) {
+// device, with the parameter's dtype and shape, and that no written tensor (every role but
+// grads) overlaps any other tensor of the call (a parameter listed twice would race). Errors
+// name the list and index.
+inline OptimArgs check_optim_args(const char* op, std::initializer_list<NamedList> lists) {
   OptimArgs a;
   auto it = lists.begin();
   const at::TensorList params = it->second;
@@ -37,28 +39,27 @@ inline OptimArgs check_optim_args(const char* op, std::initializer_list<std::pai
                 list.size(), " tensors but params has ", a.n);
     a.roles[a.nroles++] = std::vector<at::Tensor>(list.begin(), list.end());
   }
-  if (a.n == 0) return a;
+  c10::Device device = c10::Device(c10::kCPU);
+  if (!common_device(op, lists, device)) return a;
   const at::Tensor& p0 = params[0];
   a.dtype = p0.scalar_type();
-  TORCH_CHECK_TYPE(a.dtype == at::kFloat || a.dtype == at::kDouble || a.dtype == at::kBFloat16 ||
-                       a.dtype == at::kHalf,
-                   "memstate.", op, ": params[0] has dtype ", a.dtype,
-                   "; supported: float32, float64, bfloat16, float16");
+  TORCH_CHECK(a.dtype == at::kFloat || a.dtype == at::kDouble || a.dtype == at::kBFloat16 || a.dtype == at::kHalf,
+              "memstate.", op, ": params[0] has dtype ", a.dtype, "; supported: float32, float64, bfloat16, float16");
+  std::vector<ByteRange> ranges;
   for (const auto& [name, list] : lists) {
+    const bool written = std::string(name) != "grads";
     for (int64_t i = 0; i < a.n; ++i) {
       const at::Tensor& t = list[i];
-      TORCH_CHECK_TYPE(t.layout() == at::kStrided, "memstate.", op, ": ", name, "[", i,
-                       "] is ", t.layout(), "; dense tensors only (sparse gradients are not supported)");
-      TORCH_CHECK(t.device() == p0.device(), "memstate.", op, ": ", name, "[", i, "] is on ",
-                  t.device(), " but params[0] is on ", p0.device());
-      TORCH_CHECK_TYPE(t.scalar_type() == a.dtype, "memstate.", op, ": ", name, "[", i,
-                       "] has dtype ", t.scalar_type(), " but params[0] has ", a.dtype);
-      TORCH_CHECK(t.sizes() == params[i].sizes(), "memstate.", op, ": ", name, "[", i,
-                  "] has shape ", t.sizes(), " but params[", i, "] has ", params[i].sizes());
-      TORCH_CHECK(t.is_contiguous() && !t.is_conj() && !t.is_neg(), "memstate.", op, ": ", name,
-                  "[", i, "] must be contiguous");
+      TORCH_CHECK(t.scalar_type() == a.dtype, "memstate.", op, ": ", name, "[", i, "] has dtype ",
+                  t.scalar_type(), " but params[0] has ", a.dtype);
+      TORCH_CHECK(t.sizes() == params[i].sizes(), "memstate.", op, ": ", name, "[", i, "] has shape ",
+                  t.sizes(), " but params[", i, "] has ", params[i].sizes());
+      TORCH_CHECK(t.is_contiguous() && !t.is_conj() && !t.is_neg(), "memstate.", op, ": ", name, "[", i,
+                  "] must be contiguous");
+      ranges.push_back(byte_range(t, name, static_cast<size_t>(i), written));
     }
   }
+  check_no_overlap(std::move(ranges), op);
   return a;
 }
 

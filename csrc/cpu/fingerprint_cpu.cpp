@@ -64,8 +64,9 @@ at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint6
 }
 
 at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pairs) {
-  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
-  auto ts = contiguous_bytes_views(tensors, "fingerprint_sums", tensors[0].device());
+  c10::Device device(c10::kCPU);
+  common_device("fingerprint_sums", {{"tensors", tensors}}, device);
+  auto ts = contiguous_bytes_views(tensors, "fingerprint_sums", device);
   return msfp1_sums(ts, checked_first_pairs(first_pairs, ts.size(), "fingerprint_sums"));
 }
 
@@ -79,16 +80,20 @@ void finalize_rows(at::Tensor& out, const std::vector<at::Tensor>& ts) {
 }
 
 at::Tensor fingerprint_cpu(at::TensorList tensors) {
-  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
-  auto ts = contiguous_bytes_views(tensors, "fingerprint", tensors[0].device());
+  c10::Device device(c10::kCPU);
+  common_device("fingerprint", {{"tensors", tensors}}, device);
+  auto ts = contiguous_bytes_views(tensors, "fingerprint", device);
   at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0));
   finalize_rows(out, ts);
   return out;
 }
 
 at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fingerprint) {
-  if (src.empty()) return at::zeros({0, 2}, at::kLong);
-  auto ts = contiguous_bytes_views(src, "copy_fingerprint", src[0].device());
+  c10::Device device(c10::kCPU);
+  common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device);
+  TORCH_CHECK(dst.size() == src.size(), "memstate.copy_fingerprint: ", src.size(), " sources but ", dst.size(),
+              " destinations");
+  auto ts = contiguous_bytes_views(src, "copy_fingerprint", device, "src");
   const auto dptr = checked_copy_targets(ts, dst, "copy_fingerprint");
   at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0), &dptr, fingerprint);
   if (!fingerprint) return at::empty({0}, at::kLong);

@@ -32,6 +32,10 @@ __attribute__((always_inline)) inline void update_range(const Op& op, typename O
   using T = typename Op::storage_t;
   using M = typename Op::M;
   constexpr int R = Op::kRoles;
+  // Local copies of the scalars: they provably do not alias the arrays written below, so the
+  // compiler keeps them in registers and vectorises every variant (amsgrad included).
+  const Op o = op;
+  const optim::TensorScalars<M> t = ts;
   T* p[R];
   for (int r = 0; r < R; ++r) p[r] = ptr[r];
 #pragma GCC ivdep
@@ -39,7 +43,7 @@ __attribute__((always_inline)) inline void update_range(const Op& op, typename O
     M x[R];
 #pragma GCC unroll 5
     for (int r = 0; r < R; ++r) x[r] = to_math(p[r][i]);
-    op(x, ts);
+    o(x, t);
 #pragma GCC unroll 5
     for (int r = 0; r < R; ++r) {
       if (r != optim::kGrad) p[r][i] = to_storage<T>(x[r]);
@@ -129,10 +133,12 @@ struct CpuRunner {
 
 // Whether any element of any tensor is NaN or +-Inf (floating dtypes only). 0-d bool tensor.
 at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
+  c10::Device device(c10::kCPU);
+  common_device("nonfinite_any", {{"tensors", tensors}}, device);
+  check_nonfinite_dtypes(tensors);  // every tensor, before any is scanned: as on CUDA
   std::atomic<bool> found{false};
   for (size_t i = 0; i < tensors.size() && !found.load(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "memstate.nonfinite_any: tensors[", i, "] is ", t.layout());
     if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) continue;
     const at::Tensor c = t.contiguous();
     const int64_t chunk = g_optim_chunk_elems;
@@ -159,14 +165,19 @@ at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
 }
 
 std::vector<double> increment_steps_cpu(at::TensorList steps) {
+  c10::Device device(c10::kCPU);
+  common_device("increment_steps", {{"steps", steps}}, device);
   std::vector<double> out(steps.size());
+  std::vector<ByteRange> ranges;
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
     TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
                     (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
                 "memstate.increment_steps: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
                 s.scalar_type(), " ", s.sizes(), " on ", s.device());
+    ranges.push_back(byte_range(s, "steps", i, true));
   }
+  check_no_overlap(std::move(ranges), "increment_steps");  // a counter listed twice
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
     if (s.scalar_type() == at::kFloat) {

@@ -19,29 +19,24 @@ namespace {
 
 // Sums of every tensor into an int64 [N, 2] device tensor; finalised when `finalize`.
 // With `dst`, each tensor's bytes are also copied to dst[i] in the same pass (fused copy +
-// fingerprint); a destination that is not 16-byte aligned is filled by an ATen copy instead.
-// With hash=false only the copy is done and an empty tensor is returned.
-at::Tensor msfp1_run(at::TensorList tensors, at::IntArrayRef first_pairs, bool finalize,
+// fingerprint). Sources and destinations at any byte offset are read/written in place (the
+// kernel uses element-wise loads and stores where a 16-byte vector would be misaligned): no
+// clone of a misaligned view. With hash=false only the copy is done and an empty tensor is
+// returned. `device` is the common device of all tensors, checked by the caller.
+at::Tensor msfp1_run(const c10::Device& device, at::TensorList tensors, at::IntArrayRef first_pairs, bool finalize,
                      const char* op, at::TensorList dst = {}, bool hash = true) {
-  const c10::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), "memstate.", op, ": tensors[0] is on ", device, " in a CUDA call");
   c10::cuda::CUDAGuard guard(device);
-  auto ts = contiguous_bytes_views(tensors, op, device);
+  auto ts = contiguous_bytes_views(tensors, op, device, dst.empty() && hash ? "tensors" : "src");
   const auto firsts = checked_first_pairs(first_pairs, ts.size(), op);
   std::vector<unsigned char*> dptr;
   if (!dst.empty() || hash == false) dptr = checked_copy_targets(ts, dst, op);
   std::vector<Msfp1Task> tasks(ts.size());
   std::vector<Msfp1Chunk> chunks;
   for (size_t i = 0; i < ts.size(); ++i) {
-    // The kernel reads 16-byte vectors: give it an aligned copy of an oddly offset view.
-    if (reinterpret_cast<uintptr_t>(ts[i].const_data_ptr()) % 16 != 0) ts[i] = ts[i].clone();
     const int64_t nb = nbytes_of(ts[i]);
-    unsigned char* to = dptr.empty() ? nullptr : dptr[i];
-    if (to != nullptr && reinterpret_cast<uintptr_t>(to) % 16 != 0) {
-      dst[i].view({-1}).view(at::kByte).copy_(ts[i].view({-1}).view(at::kByte));
-      to = nullptr;  // copied; the kernel only hashes
-    }
-    tasks[i] = {static_cast<const unsigned char*>(ts[i].const_data_ptr()),
-                static_cast<uint64_t>(nb), firsts[i], to};
+    tasks[i] = {static_cast<const unsigned char*>(ts[i].const_data_ptr()), static_cast<uint64_t>(nb), firsts[i],
+                dptr.empty() ? nullptr : dptr[i]};
     const int64_t n = (nb + kMsfp1ChunkBytes - 1) / kMsfp1ChunkBytes;
     TORCH_CHECK(n < (int64_t{1} << 31), "memstate.", op, ": tensors[", i, "] is too large");
     for (int64_t c = 0; c < n; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
@@ -63,18 +58,23 @@ at::Tensor msfp1_run(at::TensorList tensors, at::IntArrayRef first_pairs, bool f
 }
 
 at::Tensor fingerprint_cuda(at::TensorList tensors) {
-  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
-  return msfp1_run(tensors, {}, /*finalize=*/true, "fingerprint");
+  c10::Device device(c10::kCUDA);
+  if (!common_device("fingerprint", {{"tensors", tensors}}, device)) return at::zeros({0, 2}, at::kLong);
+  return msfp1_run(device, tensors, {}, /*finalize=*/true, "fingerprint");
 }
 
 at::Tensor fingerprint_sums_cuda(at::TensorList tensors, at::IntArrayRef first_pairs) {
-  if (tensors.empty()) return at::zeros({0, 2}, at::kLong);
-  return msfp1_run(tensors, first_pairs, /*finalize=*/false, "fingerprint_sums");
+  c10::Device device(c10::kCUDA);
+  if (!common_device("fingerprint_sums", {{"tensors", tensors}}, device)) return at::zeros({0, 2}, at::kLong);
+  return msfp1_run(device, tensors, first_pairs, /*finalize=*/false, "fingerprint_sums");
 }
 
 at::Tensor copy_fingerprint_cuda(at::TensorList src, at::TensorList dst, bool fingerprint) {
-  if (src.empty()) return at::zeros({0, 2}, at::kLong);
-  return msfp1_run(src, {}, /*finalize=*/true, "copy_fingerprint", dst, fingerprint);
+  c10::Device device(c10::kCUDA);
+  if (!common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device)) return at::zeros({0, 2}, at::kLong);
+  TORCH_CHECK(dst.size() == src.size(), "memstate.copy_fingerprint: ", src.size(), " sources but ", dst.size(),
+              " destinations");
+  return msfp1_run(device, src, {}, /*finalize=*/true, "copy_fingerprint", dst, fingerprint);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include <cuda_runtime.h>
 
+#include "memstate/cuda_vec.h"
 #include "memstate/msfp1.h"
 
 namespace memstate {
@@ -48,6 +49,7 @@ __device__ __forceinline__ void block_fold(uint64_t s0, uint64_t s1, unsigned lo
 __global__ void __launch_bounds__(kThreads)
     msfp1_sums_kernel(const Msfp1Task* __restrict__ tasks, const Msfp1Chunk* __restrict__ chunks,
                       unsigned long long* __restrict__ sums) {
+  MEMSTATE_NUMERICS_GUARD();
   const Msfp1Chunk ch = chunks[blockIdx.x];
   const Msfp1Task t = tasks[ch.task];
   const uint64_t start = static_cast<uint64_t>(ch.index) * kMsfp1ChunkBytes;
@@ -55,19 +57,35 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned char* base = t.data + start;
   const uint64_t pair0 = t.first_pair + start / msfp1::kPairBytes;
   const uint64_t nvec = len / 16;  // two pairs per 16-byte vector
-  const uint4* vec = reinterpret_cast<const uint4*>(base);
-  uint4* out = t.dst != nullptr ? reinterpret_cast<uint4*>(t.dst + start) : nullptr;
+  unsigned char* to = t.dst != nullptr ? t.dst + start : nullptr;
+  // Chunks start at multiples of 64 KiB, so a chunk is as aligned as its tensor.
+  const int src_align = address_align(base);
+  const int dst_align = to != nullptr ? address_align(to) : 16;
   uint64_t s0 = 0, s1 = 0;
+  if (src_align == 16 && dst_align == 16) {
+    const uint4* vec = reinterpret_cast<const uint4*>(base);
+    uint4* out = reinterpret_cast<uint4*>(to);
 #pragma unroll 4
-  for (uint64_t i = threadIdx.x; i < nvec; i += kThreads) {
-    const uint4 w = __ldcs(vec + i);  // streamed once: do not keep in cache
-    if (out != nullptr) __stcs(out + i, w);
-    msfp1::accumulate_pair(w.x, w.y, pair0 + 2 * i, s0, s1);
-    msfp1::accumulate_pair(w.z, w.w, pair0 + 2 * i + 1, s0, s1);
+    for (uint64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      const uint4 w = __ldcs(vec + i);  // streamed once: do not keep in cache
+      if (out != nullptr) __stcs(out + i, w);
+      msfp1::accumulate_pair(w.x, w.y, pair0 + 2 * i, s0, s1);
+      msfp1::accumulate_pair(w.z, w.w, pair0 + 2 * i + 1, s0, s1);
+    }
+  } else {
+    // A misaligned view (or destination): the same 16 bytes per step, read and written in
+    // place with word or byte accesses. Slower per byte, but no clone of the whole tensor.
+    for (uint64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      uint32_t w[4];
+      load_words16(base + 16 * i, src_align, w);
+      if (to != nullptr) store_words16(to + 16 * i, dst_align, w);
+      msfp1::accumulate_pair(w[0], w[1], pair0 + 2 * i, s0, s1);
+      msfp1::accumulate_pair(w[2], w[3], pair0 + 2 * i + 1, s0, s1);
+    }
   }
   if (threadIdx.x == 0 && nvec * 16 < len) {
-    if (out != nullptr) {
-      for (uint64_t b = nvec * 16; b < len; ++b) t.dst[start + b] = base[b];
+    if (to != nullptr) {
+      for (uint64_t b = nvec * 16; b < len; ++b) to[b] = base[b];
     }
     msfp1::accumulate_bytes(base + nvec * 16, len - nvec * 16, pair0 + 2 * nvec, s0, s1);
   }
@@ -77,6 +95,7 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void msfp1_finalize_kernel(const Msfp1Task* __restrict__ tasks, int64_t ntasks,
                                       unsigned long long* __restrict__ sums) {
+  MEMSTATE_NUMERICS_GUARD();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= ntasks) return;
   const uint64_t nb = tasks[i].nbytes;

@@ -9,12 +9,12 @@
 namespace memstate {
 namespace cuda {
 
-// One tensor's bytes for the msfp1 kernels. `data` must be 16-byte aligned.
+// One tensor's bytes for the msfp1 kernels (source and destination at any alignment).
 struct Msfp1Task {
-  const unsigned char* data;
+  const unsigned char* data;  // any alignment (16-byte aligned data takes the vector path)
   uint64_t nbytes;
   uint64_t first_pair;  // global pair index of the first 8 bytes (0 unless a shard)
-  unsigned char* dst;   // when not null (16-byte aligned): the bytes are also copied here
+  unsigned char* dst;   // when not null (any alignment): the bytes are also copied here
 };
 
 // One block's work: bytes [index * kMsfp1ChunkBytes, ...) of task `task`.

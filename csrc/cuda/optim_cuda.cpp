@@ -28,7 +28,7 @@ struct CudaRunner {
     constexpr int R = Op::kRoles;
     TORCH_INTERNAL_ASSERT(a.nroles == R && a.n > 0 && static_cast<int64_t>(ts.size()) == a.n);
     const c10::Device device = a.roles[0][0].device();
-    TORCH_CHECK(device.is_cuda(), "memstate: CUDA optimizer step got tensors on ", device);
+    TORCH_CHECK(device.is_cuda(), "memstate: CUDA optimizer step got params[0] on ", device);
     c10::cuda::CUDAGuard guard(device);
     // The CPU and CUDA paths share the chunk setting: tests vary it to show results do not
     // depend on it. A multiple of 8 elements keeps every chunk 16-byte aligned and pair-aligned.
@@ -83,24 +83,23 @@ bool nonfinite_format(at::ScalarType st, int32_t& width, uint64_t& exp_mask) {
 // Whether any element of any floating tensor is NaN or +-Inf: a 0-d bool tensor on the device,
 // without a host sync. Integer and bool tensors are skipped.
 at::Tensor nonfinite_any_cuda(at::TensorList tensors) {
-  if (tensors.empty()) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
-  const c10::Device device = tensors[0].device();
+  c10::Device device(c10::kCUDA);
+  if (!common_device("nonfinite_any", {{"tensors", tensors}}, device)) {
+    return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+  }
+  TORCH_CHECK(device.is_cuda(), "memstate.nonfinite_any: tensors[0] is on ", device, " in a CUDA call");
+  check_nonfinite_dtypes(tensors);  // every tensor, before any is scanned: as on the CPU
   c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> keep;  // contiguous versions, alive until the kernel is enqueued
   std::vector<NonfiniteTask> tasks;
   std::vector<OptimChunk> chunks;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK_TYPE(t.layout() == at::kStrided, "memstate.nonfinite_any: tensors[", i, "] is ", t.layout());
-    TORCH_CHECK(t.device() == device, "memstate.nonfinite_any: tensors[", i, "] is on ", t.device(),
-                " but tensors[0] is on ", device);
     const at::ScalarType st = t.scalar_type();
     if (!at::isFloatingType(st) && !at::isComplexType(st)) continue;
     int32_t width = 0;
     uint64_t mask = 0;
-    TORCH_CHECK_TYPE(nonfinite_format(st, width, mask), "memstate.nonfinite_any: tensors[", i,
-                     "] has dtype ", st, "; supported floating dtypes: float32, float64, bfloat16, "
-                     "float16, complex64, complex128");
+    TORCH_INTERNAL_ASSERT(nonfinite_format(st, width, mask));  // check_nonfinite_dtypes admitted it
     if (t.numel() == 0) continue;
     // Sign bits are irrelevant here, so a conjugate or negative view's bytes do as they are.
     keep.push_back(t.contiguous());

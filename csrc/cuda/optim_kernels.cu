@@ -100,6 +100,7 @@ __global__ void __launch_bounds__(kThreads)
     optim_kernel(const Op op, const OptimTask* __restrict__ tasks,
                  const OptimChunk* __restrict__ chunks, int64_t chunk_elems,
                  unsigned long long* __restrict__ sums) {
+  MEMSTATE_NUMERICS_GUARD();
   using T = typename Op::storage_t;
   using M = typename Op::M;
   constexpr int R = Op::kRoles;
@@ -165,6 +166,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void optim_finalize_kernel(const OptimTask* __restrict__ tasks, int64_t nentries,
                                       int nroles, int64_t elem_bytes,
                                       unsigned long long* __restrict__ sums) {
+  MEMSTATE_NUMERICS_GUARD();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= nentries) return;
   const uint64_t nb = static_cast<uint64_t>(tasks[i / nroles].numel * elem_bytes);
@@ -183,6 +185,7 @@ __device__ __forceinline__ uint64_t load_word(const unsigned char* p, int width)
 __global__ void __launch_bounds__(kThreads)
     nonfinite_kernel(const NonfiniteTask* __restrict__ tasks, const OptimChunk* __restrict__ chunks,
                      int* flag) {
+  MEMSTATE_NUMERICS_GUARD();
   // Another block already found one: nothing left to learn (uniform exit for the whole block).
   __shared__ int done;
   if (threadIdx.x == 0) done = *reinterpret_cast<volatile int*>(flag);

@@ -13,6 +13,40 @@ _M64 = (1 << 64) - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def _to_host(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """CPU copies of small int64/bool tensors (flags, fingerprint rows): THE host sync point of
+    a step. The tensors of each device are flattened into one buffer and fetched with one
+    ``.cpu()`` call (one sync per device, not one per tensor or bucket); shapes are kept and
+    bool tensors come back as int64."""
+    out: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idxs in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(torch.int64) for i in idxs]).cpu()
+        offset = 0
+        for i in idxs:
+            n = tensors[i].numel()
+            out[i] = flat[offset:offset + n].reshape(tensors[i].shape)
+            offset += n
+    return out  # type: ignore[return-value]
+
+
+def _stream_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_not_capturing(name: str) -> None:
+    if _stream_capturing():
+        raise RuntimeError(
+            f"memstate.optim.{name}.step() cannot run under CUDA graph capture: its kernel tables are "
+            f"uploaded from host memory and Adam's step counters live on the CPU, so a replayed graph "
+            f"would reuse stale values. Step outside the captured region (there is no capturable=True "
+            f"mode yet)."
+        )
+
+
 class FusedOptimizer(Optimizer):
     """Base of memstate.optim.SGD / Adam / AdamW: a torch.optim.Optimizer whose step is one
     native multi-tensor pass per (device, dtype) bucket of each param group.
@@ -26,8 +60,16 @@ class FusedOptimizer(Optimizer):
       update), its gradient (as read) and every state buffer (after the update), computed in
       the same pass; see ``fingerprints(p)`` and ``state_fingerprint()``.
     - ``skip_if_nonfinite``: before anything is written, one native pass checks every gradient
-      of the step for NaN/Inf (one host sync per step, none per tensor); if any is found no
-      tensor is modified, step counters do not advance, and ``last_step_skipped`` is True.
+      of the step for NaN/Inf (one host sync per step and device, none per tensor or bucket);
+      if any is found no tensor is modified, step counters do not advance, and
+      ``last_step_skipped`` is True.
+
+    A step either updates every parameter with a gradient or raises before modifying
+    anything: hyperparameters of every group, gradients and existing state are all checked
+    first (``_check_group``, ``_check_param``). A parameter listed twice in a group (torch.optim
+    warns about it at construction) is updated once per listing, in order, as torch.optim's
+    for-loop implementation does: each fused pass holds a parameter at most once, so nothing
+    races. Steps refuse to run under CUDA graph capture (no ``capturable`` mode yet).
     """
 
     _name = "FusedOptimizer"
@@ -78,10 +120,18 @@ class FusedOptimizer(Optimizer):
 
     @staticmethod
     def _buckets(params: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
-        """Parameters grouped by (device, dtype), in first-seen order."""
-        buckets: Dict[Tuple[int, torch.dtype], List[torch.Tensor]] = {}
+        """Parameters grouped by (device, dtype, listing), in first-seen order.
+
+        A parameter listed k times goes into k buckets, its j-th listing into the j-th bucket of
+        its (device, dtype): one fused pass never holds a tensor twice (that would race), and
+        the passes run in order, so the result is torch.optim's (one update per listing).
+        """
+        buckets: Dict[Tuple[int, torch.dtype, int], List[torch.Tensor]] = {}
+        seen: Dict[int, int] = {}
         for p in params:
-            buckets.setdefault((p.get_device(), p.dtype), []).append(p)
+            k = seen.get(id(p), 0)
+            seen[id(p)] = k + 1
+            buckets.setdefault((p.get_device(), p.dtype, k), []).append(p)
         return list(buckets.values())
 
     @staticmethod
@@ -91,11 +141,13 @@ class FusedOptimizer(Optimizer):
 
     def _any_nonfinite(self, groups_params: List[List[torch.Tensor]]) -> bool:
         ops = _ext.ops()
-        flags = []
+        by_device: Dict[torch.device, Dict[int, torch.Tensor]] = {}
         for params in groups_params:
-            for bucket in self._buckets(params):
-                flags.append(ops.nonfinite_any([self._grad(p) for p in bucket]).cpu())
-        return bool(torch.stack(flags).any()) if flags else False
+            for p in params:
+                by_device.setdefault(p.device, {})[id(p)] = self._grad(p)
+        # one scan per device (no host sync), then one host fetch of all flags
+        flags = [ops.nonfinite_any(list(grads.values())) for grads in by_device.values()]
+        return any(bool(f) for f in _to_host(flags))
 
     # ------------------------------------------------------------------------------ step
     def _init_state(self, group, p: torch.Tensor) -> None:
@@ -108,14 +160,59 @@ class FusedOptimizer(Optimizer):
         """Names of the kernel's roles for this group: param, grad, then state keys used."""
         raise NotImplementedError
 
+    def _check_hparams(self, group) -> None:
+        """Raises ValueError (torch's constructor message) if a group's hyperparameters are
+        invalid. Subclasses implement it; run for every group before any step touches state."""
+
+    def _check_group(self, gi: int, group) -> None:
+        """``_check_hparams`` with the group named in the error."""
+        try:
+            self._check_hparams(group)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"memstate.optim.{self._name}: param_groups[{gi}]: {e}") from None
+
+    def _check_state_tensor(self, p: torch.Tensor, key: str, t) -> None:
+        """State tensor ``key`` of ``p`` must be what the kernel takes: a contiguous tensor of
+        p's shape, dtype and device. Raises ValueError naming the parameter and key."""
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"memstate.optim.{self._name}: state '{key}' of {self._param_label(p)} is a "
+                             f"{type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype or t.device != p.device \
+                or t.layout != torch.strided or not t.is_contiguous():
+            raise ValueError(
+                f"memstate.optim.{self._name}: state '{key}' of {self._param_label(p)} is a "
+                f"{'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} tensor of shape "
+                f"{tuple(t.shape)} on {t.device}; expected a contiguous {p.dtype} tensor of shape "
+                f"{tuple(p.shape)} on {p.device}"
+            )
+
+    def _check_param(self, group, p: torch.Tensor) -> None:
+        """Checks p's gradient and existing state before any tensor of the step is modified."""
+        g = p.grad
+        if g.dtype != p.dtype or tuple(g.shape) != tuple(p.shape) or g.device != p.device:
+            raise ValueError(
+                f"memstate.optim.{self._name}: the gradient of {self._param_label(p)} is a {g.dtype} "
+                f"tensor of shape {tuple(g.shape)} on {g.device}; expected {p.dtype}, "
+                f"{tuple(p.shape)}, {p.device}"
+            )
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        """Performs one optimization step (see torch.optim.Optimizer.step)."""
+        """Performs one optimization step (see torch.optim.Optimizer.step).
+
+        Everything is checked before anything is modified: a step that raises leaves
+        parameters, state and step counters as they were.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _check_not_capturing(self._name)
         groups_params = [self._params_with_grad(g) for g in self.param_groups]
+        for gi, (group, params) in enumerate(zip(self.param_groups, groups_params)):
+            self._check_group(gi, group)
+            for p in params:
+                self._check_param(group, p)
         self.last_step_skipped = False
         self._pending = []
         self._fingerprints = {}  # a skipped step has no fingerprints
@@ -123,6 +220,7 @@ class FusedOptimizer(Optimizer):
             self.last_step_skipped = True
             self.skipped_steps += 1
             return loss
+        self._begin_step(groups_params)
         for group, params in zip(self.param_groups, groups_params):
             for p in params:
                 if not self.state.get(p):
@@ -135,13 +233,19 @@ class FusedOptimizer(Optimizer):
             self._after_fingerprinted_step()
         return loss
 
+    def _begin_step(self, groups_params: List[List[torch.Tensor]]) -> None:
+        """Hook: called once the step is checked and will run, before the first update."""
+
     def _after_fingerprinted_step(self) -> None:
         """Hook for non-kernel tensor state (e.g. Adam's step counters)."""
 
     # ------------------------------------------------------------------------------ fingerprints
     def _materialise(self) -> None:
-        for bucket, roles, rows in self._pending:
-            lanes = rows.cpu().tolist()
+        if not self._pending:
+            return
+        fetched = _to_host([rows for _, _, rows in self._pending])  # one host sync
+        for (bucket, roles, _), host_rows in zip(self._pending, fetched):
+            lanes = host_rows.tolist()
             for p, per_role in zip(bucket, lanes):
                 self._fingerprints.setdefault(id(p), {}).update(
                     {role: Fingerprint._from_lanes(a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)}
@@ -187,8 +291,11 @@ class FusedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------------------ state dict
     def _check_loaded_state(self, state_dict: dict) -> None:
-        """Raises ValueError naming the parameter if the saved state does not fit, before
-        anything is modified."""
+        """Raises ValueError naming the group or parameter if the saved state does not fit, before
+        anything is modified: structure, every group's hyperparameters (as ``step`` will check
+        them), every state entry's type, shape and dtype kind."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"optimizer state_dict must be a dict, got {type(state_dict).__name__}")
         groups = state_dict.get("param_groups")
         state = state_dict.get("state")
         if not isinstance(groups, list) or not isinstance(state, dict):
@@ -199,11 +306,17 @@ class FusedOptimizer(Optimizer):
             )
         params = [p for g in self.param_groups for p in g["params"]]
         for gi, (saved, ours) in enumerate(zip(groups, self.param_groups)):
-            if len(saved.get("params", [])) != len(ours["params"]):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"loaded param_groups[{gi}] must be a dict with a 'params' list")
+            if len(saved["params"]) != len(ours["params"]):
                 raise ValueError(
-                    f"param_groups[{gi}] has {len(saved.get('params', []))} parameters in the loaded "
+                    f"param_groups[{gi}] has {len(saved['params'])} parameters in the loaded "
                     f"state dict but {len(ours['params'])} here"
                 )
+            merged = dict(self.defaults)
+            merged.update({k: v for k, v in saved.items() if k != "params"})
+            self._check_group(gi, merged)
+        group_of = {i: gi for gi, g in enumerate(groups) for i in g["params"]}
         saved_ids = [i for g in groups for i in g["params"]]
         id_to_param = dict(zip(saved_ids, params))
         for key, value in state.items():
@@ -212,15 +325,27 @@ class FusedOptimizer(Optimizer):
             p = id_to_param[key]
             if not isinstance(value, dict):
                 raise ValueError(f"loaded state of {self._param_label(p)} is not a dict")
-            for sk in self._required_state_keys(groups[[i for i, g in enumerate(groups) if key in g["params"]][0]]):
+            for sk in self._required_state_keys(groups[group_of[key]]):
                 if sk not in value:
                     raise ValueError(f"loaded state of {self._param_label(p)} lacks '{sk}'")
-                v = value[sk]
-                if sk != "step" and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape)):
-                    got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                    raise ValueError(
-                        f"loaded state '{sk}' of {self._param_label(p)} has shape {got}, expected {tuple(p.shape)}"
-                    )
+            for sk, v in value.items():
+                self._check_loaded_entry(p, sk, v)
+
+    def _check_loaded_entry(self, p: torch.Tensor, key: str, v) -> None:
+        """A loaded state value of a tensor state key must be a dense real floating tensor of
+        p's shape (torch.optim casts it to p's dtype and device); None only where the key
+        allows it (SGD's momentum_buffer)."""
+        if key not in self._state_keys or (v is None and key in self._optional_state_keys):
+            return
+        ok = isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)
+        if not ok:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"loaded state '{key}' of {self._param_label(p)} has shape {got}, expected {tuple(p.shape)}")
+        if v.layout != torch.strided or v.is_meta or not v.is_floating_point():
+            raise ValueError(f"loaded state '{key}' of {self._param_label(p)} is a {v.dtype} {v.layout} tensor on "
+                             f"{v.device}; expected a dense floating-point tensor")
+
+    _optional_state_keys: Tuple[str, ...] = ()
 
     def _required_state_keys(self, saved_group: dict) -> Tuple[str, ...]:
         return ()

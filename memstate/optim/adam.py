@@ -1,6 +1,7 @@
 """memstate.optim.Adam and AdamW: fused, deterministic, with in-pass fingerprints."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,6 +21,22 @@ def _check_hparams(lr, betas, eps, weight_decay):
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _check_step(step, label) -> None:
+    """Adam's ``step`` state must be a finite count >= 0: a number or a one-element real tensor
+    (torch keeps it as a 0-d float32 tensor). ``label()`` names the parameter in the ValueError."""
+    ok = isinstance(step, (int, float)) and not isinstance(step, bool)
+    if isinstance(step, torch.Tensor):
+        ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool and not step.is_meta
+    if ok:
+        value = float(step)
+        ok = math.isfinite(value) and value >= 0
+    if not ok:
+        desc = (f"a {step.dtype} tensor of shape {tuple(step.shape)}" if isinstance(step, torch.Tensor)
+                else repr(step))
+        raise ValueError(f"state 'step' of {label()} is {desc}; expected a finite count >= 0 "
+                         f"(a number or a one-element tensor)")
 
 
 class Adam(FusedOptimizer):
@@ -43,6 +60,7 @@ class Adam(FusedOptimizer):
 
     _name = "Adam"
     _decoupled = False
+    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
@@ -61,6 +79,24 @@ class Adam(FusedOptimizer):
     def _roles(self, group):
         roles = ("param", "grad", "exp_avg", "exp_avg_sq")
         return roles + ("max_exp_avg_sq",) if group["amsgrad"] else roles
+
+    def _check_hparams(self, group):
+        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+    def _check_param(self, group, p):
+        super()._check_param(group, p)
+        st = self.state.get(p)
+        if not st:
+            return
+        step = st.get("step")
+        _check_step(step, lambda: self._param_label(p))
+        if not (isinstance(step, torch.Tensor) and step.device.type == "cpu"
+                and step.dtype in (torch.float32, torch.float64)):
+            raise ValueError(f"memstate.optim.{self._name}: state 'step' of {self._param_label(p)} must be a "
+                             f"float32 or float64 CPU tensor (as load_state_dict leaves it), got {step!r}")
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if "max_exp_avg_sq" in st else ())
+        for key in keys:
+            self._check_state_tensor(p, key, st.get(key))
 
     def _init_state(self, group, p):
         st = self.state[p]
@@ -92,8 +128,16 @@ class Adam(FusedOptimizer):
         # The step counters are tensor state too: fingerprint them in one native call, kept
         # pending like the kernel's rows until someone asks.
         params = [p for bucket, _, _ in self._pending for p in bucket]
+        if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
+            return
         rows = _ext.ops().fingerprint([self.state[p]["step"] for p in params])
         self._pending.append((params, ("step",), rows.unsqueeze(1)))
+
+    def _check_loaded_entry(self, p, key, v):
+        if key == "step":
+            _check_step(v, lambda: self._param_label(p))
+        else:
+            super()._check_loaded_entry(p, key, v)
 
     def _required_state_keys(self, saved_group):
         keys = ("step", "exp_avg", "exp_avg_sq")

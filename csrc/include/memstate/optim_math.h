@@ -37,6 +37,11 @@ struct SgdScalars {
   M weight_decay;
   bool has_weight_decay;  // weight_decay != 0 (torch skips the add entirely when it is 0)
   bool maximize;
+  // -1 when maximizing, else 1. g = grad * grad_sign() equals `maximize ? -grad : grad` bit for
+  // bit except for the sign of a NaN gradient, which no stored value shows (every stored NaN is
+  // canonical). A multiply by a loop-invariant, not a select on a loop-invariant bool, so that
+  // GCC vectorises every CPU variant (it cannot vectorise a select with a scalar condition).
+  MEMSTATE_HD M grad_sign() const { return maximize ? M(-1) : M(1); }
 };
 
 // SGD, as torch.optim.SGD (foreach=False):
@@ -48,7 +53,7 @@ struct SgdScalars {
 //   p = p - lr * g
 template <typename M, bool kMomentum, bool kNesterov>
 MEMSTATE_HD void sgd_update(M& p, M grad, M& buf, bool first, const SgdScalars<M>& s) {
-  M g = s.maximize ? -grad : grad;
+  M g = grad * s.grad_sign();  // -grad when maximizing (see grad_sign)
   if (s.has_weight_decay) g = g + s.weight_decay * p;
   if (kMomentum) {
     buf = first ? g : buf * s.momentum + s.one_minus_dampening * g;
@@ -68,6 +73,7 @@ struct AdamScalars {
   M decay_factor;     // AdamW: 1 - lr * weight_decay
   bool has_weight_decay;
   bool maximize;
+  MEMSTATE_HD M grad_sign() const { return maximize ? M(-1) : M(1); }  // as SgdScalars
 };
 
 // Per-tensor Adam scalars (they depend on the tensor's step count), rounded once from float64.
@@ -89,7 +95,7 @@ struct AdamStepScalars {
 template <typename M, bool kDecoupled, bool kAmsgrad>
 MEMSTATE_HD void adam_update(M& p, M grad, M& m, M& v, M& vmax, const AdamScalars<M>& s,
                              const AdamStepScalars<M>& t) {
-  M g = s.maximize ? -grad : grad;
+  M g = grad * s.grad_sign();  // -grad when maximizing (see grad_sign)
   if (s.has_weight_decay) {
     if (kDecoupled) {
       p = p * s.decay_factor;
@@ -101,7 +107,9 @@ MEMSTATE_HD void adam_update(M& p, M grad, M& m, M& v, M& vmax, const AdamScalar
   v = v * s.beta2 + s.one_minus_beta2 * (g * g);
   M vh = v;
   if (kAmsgrad) {
-    vmax = (v != v || v > vmax) ? v : vmax;  // NaN propagates, as torch.maximum
+    // NaN propagates, as torch.maximum. Two plain selects: the CPU loop vectorises.
+    const M larger = v > vmax ? v : vmax;
+    vmax = v != v ? v : larger;
     vh = vmax;
   }
   const M denom = msqrt(vh) / t.bias_correction2_sqrt + s.eps;

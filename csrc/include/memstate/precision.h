@@ -3,8 +3,14 @@
 //
 // The narrowing conversions are written out bit by bit here instead of using c10::BFloat16 on
 // the host and __nv_bfloat16 on the device, so that CPU and CUDA round the same way by
-// construction: round to nearest, ties to even; NaN stays NaN (quietened, sign kept);
-// overflow goes to infinity.
+// construction: round to nearest, ties to even; overflow goes to infinity.
+//
+// Every NaN is stored as ONE canonical quiet NaN per dtype (sign 0, payload 0):
+//   float32 0x7FC00000, float64 0x7FF8000000000000, bfloat16 0x7FC0, float16 0x7E00.
+// IEEE leaves the sign and payload of a NaN result to the hardware (x86 makes 0xFFC00000 for
+// 0/0 and keeps an input NaN's payload; NVIDIA GPUs return 0x7FFFFFFF), so without this the
+// stored bytes, and their fingerprints, would depend on the device. The select is branch-free
+// (x != x), so the vectorised CPU loops stay vectorised.
 #pragma once
 
 #include <cstring>
@@ -41,12 +47,31 @@ MEMSTATE_HD float bits_float(uint32_t u) {
 #endif
 }
 
+constexpr uint32_t kCanonicalNanF32 = 0x7FC00000u;
+constexpr uint64_t kCanonicalNanF64 = 0x7FF8000000000000ull;
+constexpr uint16_t kCanonicalNanBF16 = 0x7FC0u;
+constexpr uint16_t kCanonicalNanF16 = 0x7E00u;
+
+MEMSTATE_HD double bits_double(uint64_t u) {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+#endif
+}
+
+// v, or the canonical NaN if v is any NaN.
+MEMSTATE_HD float canonical_nan(float v) { return v != v ? bits_float(kCanonicalNanF32) : v; }
+MEMSTATE_HD double canonical_nan(double v) { return v != v ? bits_double(kCanonicalNanF64) : v; }
+
 // ---- bfloat16: the top 16 bits of a float32.
 MEMSTATE_HD float to_math(bf16_bits v) { return bits_float(static_cast<uint32_t>(v.x) << 16); }
 
 MEMSTATE_HD bf16_bits round_bf16(float f) {
   const uint32_t u = float_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {static_cast<uint16_t>((u >> 16) | 0x0040u)};  // NaN
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {kCanonicalNanBF16};
   const uint32_t lsb = (u >> 16) & 1u;
   return {static_cast<uint16_t>((u + 0x7FFFu + lsb) >> 16)};
 }
@@ -68,7 +93,7 @@ MEMSTATE_HD f16_bits round_f16(float f) {
   const uint32_t u = float_bits(f);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return {static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu))};
+  if (a > 0x7F800000u) return {kCanonicalNanF16};
   if (a >= 0x477FF000u) return {static_cast<uint16_t>(sign | 0x7C00u)};  // rounds to >= 65520: inf
   if (a < 0x38800000u) {
     // result is subnormal (or zero): value / 2^-24, rounded to nearest even integer
@@ -104,16 +129,16 @@ struct MathOf<double> {
 template <typename T>
 using math_t = typename MathOf<T>::type;
 
-// Rounds a math value to storage type T (one rounding, to nearest even).
+// Rounds a math value to storage type T (one rounding, to nearest even; NaN -> canonical NaN).
 template <typename T>
 MEMSTATE_HD T to_storage(math_t<T> v);
 template <>
 MEMSTATE_HD float to_storage<float>(float v) {
-  return v;
+  return canonical_nan(v);
 }
 template <>
 MEMSTATE_HD double to_storage<double>(double v) {
-  return v;
+  return canonical_nan(v);
 }
 template <>
 MEMSTATE_HD bf16_bits to_storage<bf16_bits>(float v) {
