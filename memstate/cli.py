@@ -239,7 +239,8 @@ def _prepare_run(args):
         out = args.resume
     else:
         cfg = _run_config(args)
-        default = os.path.join("runs", f"{cfg['task']}-{cfg['perturbation']}" + ("-quick" if args.quick else ""))
+        task_dir = "".join(c if c.isalnum() or c in "_.-" else "-" for c in str(cfg["task"]))
+        default = os.path.join("runs", f"{task_dir}-{cfg['perturbation']}" + ("-quick" if args.quick else ""))
         out = args.out or default
     exp = _experiment(cfg, progress=not args.no_progress)
     if not args.resume and os.path.exists(out):
@@ -311,10 +312,16 @@ def _parse_seeds(text: str) -> List[int]:
 
 
 def cmd_replay(args) -> int:
-    from memstate.card import CardError, read_card, replay
+    from memstate.card import CardError, TaskChangedError, read_card, replay
 
     try:
-        card = read_card(args.card)
+        try:
+            card = read_card(args.card)
+        except TaskChangedError as e:
+            if not args.allow_changed_task:
+                raise UsageError(f"{e}; refusing to replay (--allow-changed-task replays it anyway)") from None
+            print(f"memstate replay: NOTE: {e}; replaying anyway because of --allow-changed-task")
+            card = read_card(args.card, allow_changed_task=True)
         seeds = _parse_seeds(args.seeds) if args.seeds else None
         missing = [s for s in seeds or () if s not in card["config"]["seeds"]]
         if missing:
@@ -426,6 +433,10 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _t0(text: str):
+    return "boundary" if text == "boundary" else _nonneg_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memstate", description="Determinism and training-state audit for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -437,14 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and report.html. Flags override the TOML config; the TOML keys are: "
                                    + ", ".join(RUN_DEFAULTS) + ".")
     r.add_argument("config", nargs="?", help="a TOML file with any of the keys: " + ", ".join(RUN_DEFAULTS))
-    r.add_argument("--task", help="built-in task: digits, teacher or ema_queue (default digits)")
+    r.add_argument("--task", help="built-in task (digits, teacher or ema_queue; default digits), or the import path "
+                                  "'package.module:Class' of a memstate.Task subclass (the current directory is on "
+                                  "the import path, as with python -m; see docs/tasks.md)")
     r.add_argument("--perturbation", help="a primitive (memstate.perturb.names()), or A+B / A+B+C for a 2^k "
                                           "factorial design (default reset_momentum)")
     r.add_argument("--estimand", choices=["treatment", "order"],
                    help="treatment: each primitive's own estimand, memory kept minus perturbed (default); order: "
                         "ATE_order = E[M(rr) - M(wr)] (perturbation policy_switch, t0 0, window = horizon)")
     r.add_argument("--seeds", type=_positive_int, help="number of seeds, 0..N-1 (default 5; at least 2)")
-    r.add_argument("--t0", type=_nonneg_int, help="branch step (default 30)")
+    r.add_argument("--t0", type=_t0, help="branch step (default 30), or 'boundary': the task's first phase "
+                                          "boundary (e.g. digits with task_options phases='split')")
     r.add_argument("--window", type=_positive_int,
                    help="hold-window length in steps for every factor (default: each primitive's own rule)")
     r.add_argument("--horizon", type=_positive_int, help="total training steps (default 120)")
@@ -468,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
                                        "1 a mismatch, 2 an unreadable or invalid card)")
     rp.add_argument("card", help="path of a card.json")
+    rp.add_argument("--allow-changed-task", action="store_true",
+                    help="replay even if the user task's source file changed since the card was written (the "
+                         "output says so); without it that is refused with exit 2")
     rp.add_argument("--seeds", metavar="S,S", help="replay only these seeds, e.g. 0,3 (skips the statistics check)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
