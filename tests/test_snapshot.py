@@ -319,7 +319,7 @@ def test_tampered_manifest_is_refused(tmp_path):
 def test_tampered_tensor_bytes_with_recomputed_file_checksum_are_refused(tmp_path):
     import xxhash
 
-    from memstate._persist import _canonical
+    from memstate.snapshot._format import _canonical
 
     state, path = _saved(tmp_path)
     m = os.path.join(path, "manifest.json")

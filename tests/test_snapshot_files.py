@@ -18,7 +18,7 @@ import torch
 
 import memstate
 from memstate import Snapshot
-from memstate import _persist
+from memstate.snapshot import _format as _persist
 from memstate.snapshot import SnapshotError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import memstate
 from memstate import OrderSampler, Snapshot
-from memstate._persist import _canonical
+from memstate.snapshot._format import _canonical
 from memstate.snapshot import SnapshotError
 
 EXAMPLES = int(os.environ.get("MEMSTATE_FUZZ_EXAMPLES", "200"))

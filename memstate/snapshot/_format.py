@@ -40,8 +40,9 @@ import xxhash
 
 from memstate._version import __version__
 from memstate.fingerprint import Fingerprint, fingerprint_many
-from memstate.snapshot import (ALIGN, FORMAT, FORMAT_VERSION, SnapshotError, _dtype_from_name, _dtype_name, _Entry,
-                               _HYPER_POLICIES)
+from memstate.snapshot._arena import _collect_tensor_names
+from memstate.snapshot._bind import _HYPER_POLICIES
+from memstate.snapshot._common import ALIGN, FORMAT, FORMAT_VERSION, SnapshotError, _dtype_from_name, _dtype_name, _Entry
 
 MANIFEST = "manifest.json"
 LOCK = ".memstate.lock"
@@ -389,8 +390,6 @@ def load(cls, path: str, sources: Dict[str, Any], rng: bool, hyperparameters: st
             + (f"; it has no state for {', '.join(extra)}" if extra else ""))
     if rng and "rng" not in meta:
         raise SnapshotError(f"{path}: the snapshot holds no RNG state; load it with rng=False")
-    from memstate.snapshot import _collect_tensor_names
-
     live, _ = _collect_tensor_names(sources)
     live = {n: t for n, t in live.items() if not n.startswith("optimizer.")}
     saved = {e.name: e for e in entries if e.in_state and not e.name.startswith("optimizer.")}
