@@ -5,6 +5,8 @@
     memstate replay card.json          re-run a protocol card and verify every fingerprint
     memstate report card.json          regenerate report.html from a card
     memstate verify [--device]         RNG isolation / A-A check on this hardware (+ CPU == CUDA)
+    memstate verify --script train.py  run your training script twice with an audit trail, diff them
+    memstate diff TRAIL_A TRAIL_B      first step and tensors where two audit trails differ
     memstate info                      versions, build, devices and determinism settings
     memstate demo                      a short tour of fingerprints, optimizers and snapshots
 """
@@ -362,8 +364,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    """``memstate diff``: a thin call of ``memstate.audit.main_diff`` (exit 0 identical,
+    1 differing, 2 an unreadable trail)."""
+    from memstate.audit import main_diff
+
+    return main_diff([args.trail_a, args.trail_b] + (["--plot", args.plot] if args.plot else []))
+
+
 def cmd_verify(args) -> int:
     import torch
+
+    if args.script is not None:  # a thin call of memstate.audit.main_verify_script (exit 0, 1, 2)
+        from memstate.audit import main_verify_script
+
+        if args.device is not None:
+            print("memstate verify: --device is for the built-in A/A check; a --script chooses its own device",
+                  file=sys.stderr)
+            return 2
+        forward = ["--script", args.script]
+        for flag, value in (("--steps", args.steps), ("--out", args.out), ("--timeout", args.timeout)):
+            if value is not None:
+                forward += [flag, str(value)]
+        return main_verify_script(forward + (["--", *args.script_args] if args.script_args else []))
+    if args.steps is not None or args.out is not None or args.timeout is not None or args.script_args:
+        print("memstate verify: --steps, --out, --timeout and '-- args' go with --script", file=sys.stderr)
+        return 2
+    args.device = args.device or "cpu"
 
     from memstate.experiment import ConfigError, Experiment
 
@@ -494,14 +521,42 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the card's directory")
     rr.set_defaults(func=cmd_report)
     v = sub.add_parser("verify", help="A/A isolation on this hardware, and CPU == CUDA optimizer steps when a GPU is "
-                                      "visible; prints PASS, FAIL or SKIPPED per check")
-    v.add_argument("--device", default="cpu", help="device for the A/A check: cpu or cuda[:N] (default cpu)")
-    v.set_defaults(func=cmd_verify)
+                                      "visible; prints PASS, FAIL or SKIPPED per check. With --script: runs your "
+                                      "training script twice with an audit trail and diffs the trails",
+                       description="Without --script: the built-in A/A isolation check (and CPU == CUDA optimizer "
+                                   "steps when a GPU is visible). With --script train.py [--steps N] [-- args...]: "
+                                   "runs 'python train.py args' twice in fresh processes, each recording an audit "
+                                   "trail (the script calls memstate.audit.auto()), and prints PASS or the first "
+                                   "divergence with hints; exit 0 PASS, 1 divergence, 2 a run failed. "
+                                   "See docs/audit.md.")
+    v.add_argument("--device", default=None, help="device for the A/A check: cpu or cuda[:N] (default cpu)")
+    v.add_argument("--script", metavar="TRAIN.py", help="your training script (it calls memstate.audit.auto())")
+    v.add_argument("--steps", type=_positive_int, metavar="N", help="with --script: record only the first N steps")
+    v.add_argument("--out", metavar="DIR", help="with --script: keep the two trails in DIR (default: a temporary "
+                                                "directory)")
+    v.add_argument("--timeout", type=float, metavar="S", help="with --script: seconds per run")
+    v.set_defaults(func=cmd_verify, script_args=[])
+    d = sub.add_parser("diff", help="compare two audit trails: the first differing step, its tensors (grad -> "
+                                    "optimizer state -> param -> buffers) and whether the inputs differed; exit 0 "
+                                    "identical, 1 differing, 2 an unreadable trail",
+                       description="Compares two memstate audit trails (memstate.audit.Trail) step by step. "
+                                   "See docs/audit.md.")
+    d.add_argument("trail_a", metavar="TRAIL_A", help="an audit trail file")
+    d.add_argument("trail_b", metavar="TRAIL_B", help="another audit trail file")
+    d.add_argument("--plot", metavar="OUT.png", help="draw the fraction of differing tensors per step")
+    d.set_defaults(func=cmd_diff)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: List[str] = []
+    if argv[:1] == ["verify"] and "--" in argv:  # memstate verify --script train.py -- args for the script
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if script_args:
+        args.script_args = script_args
     try:
         return args.func(args)
     except ImportError as e:
