@@ -14,6 +14,11 @@ augmentations and dropout masks except where a perturbation primitive changed th
 
 ``tasks.get(name, **options)`` raises ValueError listing the valid names for an unknown task
 and the valid options for an unknown option (``Task.defaults`` lists them with defaults).
+``name`` may also be the import path ``"package.module:Class"`` of a user ``Task`` subclass
+(``load``; the current directory is put on ``sys.path`` first, as ``python -m`` does): only
+``build``, ``train_step`` and ``evaluate`` are required, the rest has defaults (``Task``'s
+docstring, docs/tasks.md). ``task_source(task)`` is what a card records of it (import path,
+resolved options, xxh3-128 of the module's source file).
 
 The interface (``Task``):
 
@@ -75,6 +80,11 @@ Tasks:
     still underfits after 100 steps: accuracy 0.93, ECE 0.19); ``momentum`` applies
     to SGD only, ``betas`` to AdamW only; ``lr=None`` / ``weight_decay=None`` mean the
     optimizer's default (SGD weight decay 0). Metrics accuracy, loss, ece.
+    ``phases="split"`` (with ``boundary`` = 60, ``head`` = "same" | "fresh"): steps before
+    ``boundary`` train on the batch's examples of classes 0-4, later steps on those of 5-9
+    (``phases``: pretrain / finetune); ``head="fresh"`` redraws the classifier from
+    ``contract.generator("init", 2)`` at the start of the boundary step; the probe is the
+    probe examples of classes 5-9, plus the metric ``pretrain_accuracy`` on those of 0-4.
     ``ema_decay=<float>`` adds ``extra["ema"]`` (a weight-averaged copy of the model, also its
     BatchNorm statistics, updated after every step) and ``extra["ema_decay"]`` (0-d float64),
     and the metrics ema_accuracy, ema_loss, ema_ece of the shadow, so ``reset_ema`` has an
