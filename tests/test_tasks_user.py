@@ -124,3 +124,18 @@ def test_cli_run_replay_user_task_fresh_process(task_dir):
     rc, out, err = _cli(["run", "--task", "tiny_mlp:TinyMLP", "--out", "run3", "--no-progress"], task_dir)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cannot import task" in err
     assert not os.path.exists(task_dir / "run3")
+
+
+def test_card_of_a_task_object_replays(task_dir):
+    """The issue's defect: a Task subclass ran through the Python API but its card could not be
+    replayed (ConfigError 'unknown task'). Now it is recorded by import path and replays."""
+    from memstate.card import loads_card, make_card, replay
+
+    TinyMLP = tasks.import_task_class("tiny_mlp:TinyMLP")  # as a user's own import would
+    exp = Experiment(TinyMLP(hidden=4), "reset_momentum", t0=2, horizon=6, seeds=2, window=2)
+    card = make_card(exp.run())
+    import json
+
+    card = loads_card(json.dumps(card).encode())  # validates: imports the task, checks the source hash
+    assert card["config"]["task"] == "tiny_mlp:TinyMLP" and card["config"]["task_options"]["hidden"] == 4
+    assert replay(card) is None
