@@ -352,7 +352,7 @@ def cmd_report(args) -> int:
     from memstate.report import write_report
 
     try:
-        card = read_card(args.card)
+        card = read_card(args.card, allow_changed_task=True)  # a report re-runs nothing
     except CardError as e:
         print(f"memstate report: {e}", file=sys.stderr)
         return 2

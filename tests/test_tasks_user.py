@@ -113,6 +113,8 @@ def test_cli_run_replay_user_task_fresh_process(task_dir):
     assert len(err.strip().splitlines()) == 1
     assert str(task_dir / "tiny_mlp.py") in err and "has changed since the card was written" in err
     assert "--allow-changed-task" in err
+    rc, out, err = _cli(["report", "run/card.json", "--out", "rep.html"], task_dir)  # reporting re-runs nothing
+    assert rc == 0, err
     rc, out, err = _cli(["replay", "run/card.json", "--no-progress", "--allow-changed-task", "--seeds", "0"], task_dir)
     assert rc == 0, err
     assert "replaying anyway because of --allow-changed-task" in out and "PASS" in out
