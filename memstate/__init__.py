@@ -21,10 +21,13 @@ from memstate.snapshot import Snapshot, SnapshotError
 from memstate import data, perturb, rng, stats
 from memstate.perturb import beta_for_halflife, halflife
 from memstate.experiment import Experiment, ExperimentResult
+from memstate.tasks import Task
+from memstate import audit  # noqa: E402 (memstate.audit.auto() etc. without a separate import)
 from memstate.data import OrderSampler
 from memstate.rng import ContractViolation, RngContract
 
 __all__ = [
+    "Task",
     "__version__",
     "optim",
     "Fingerprint",

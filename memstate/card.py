@@ -7,7 +7,9 @@ Schema ``memstate.card`` version 2 (every key always present)::
     created             ISO 8601 UTC time
     environment         memstate, torch, CUDA and Python versions, device names, CPU ISA,
                         thread count, determinism settings
-    config              task, task_options, perturbation, perturbation_params, t0, window
+    config              task (built-in name or import path "pkg.mod:Class"), task_options,
+                        task_source (user tasks: import_path, resolved options, xxh3-128 of
+                        the module's source file; null for built-in tasks), perturbation, perturbation_params, t0, window
                         (as given; null = each primitive's default rule), horizon, seeds,
                         metrics, aa_check, device, threads, estimand, probe_every, baseline,
                         and what follows from them: arms, arm_labels, estimands (name,
@@ -69,7 +71,7 @@ MAX_DEPTH = 32
 #: Largest card file read (bytes).
 MAX_BYTES = 512 * 2 ** 20
 
-__all__ = ["CardError", "make_card", "write_card", "read_card", "loads_card", "validate_card", "checksum", "replay", "compare_seed",
+__all__ = ["CardError", "TaskChangedError", "make_card", "write_card", "read_card", "loads_card", "validate_card", "checksum", "replay", "compare_seed",
            "experiment_from_card", "CARD_FORMAT", "CARD_VERSION"]
 
 
@@ -133,17 +135,18 @@ def _reject_constant(name):
     raise ValueError(f"the JSON constant {name} is not allowed in a card")
 
 
-def read_card(path: str) -> dict:
-    """Reads, checks the checksum of, and validates a card (``CardError`` otherwise)."""
+def read_card(path: str, allow_changed_task: bool = False) -> dict:
+    """Reads, checks the checksum of, and validates a card (``CardError`` otherwise;
+    ``TaskChangedError`` if its user task's source file changed, unless ``allow_changed_task``)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise CardError(f"{path}: cannot read ({e.strerror or e})") from None
-    return loads_card(raw, path)
+    return loads_card(raw, path, allow_changed_task)
 
 
-def loads_card(raw: bytes, where: str = "card") -> dict:
+def loads_card(raw: bytes, where: str = "card", allow_changed_task: bool = False) -> dict:
     """``read_card`` for bytes already in memory."""
     if len(raw) > MAX_BYTES:
         raise CardError(f"{where}: larger than {MAX_BYTES} bytes, not a card")
@@ -157,7 +160,7 @@ def loads_card(raw: bytes, where: str = "card") -> dict:
         raise CardError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:
         raise CardError(f"{where}: malformed JSON ({e})") from None
-    return validate_card(card, where)
+    return validate_card(card, where, allow_changed_task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +258,7 @@ SEED_KEYS = ("seed", "config_hash", "window", "windows", "probe_points", "order_
              "contract_violations")
 
 
-def validate_card(card: Any, where: str = "card") -> dict:
+def validate_card(card: Any, where: str = "card", allow_changed_task: bool = False) -> dict:
     """Checks a parsed card: format, version, checksum, then every key and type that memstate
     reads (``CardError`` naming the first problem). Returns the card."""
     v = _V(where)
@@ -270,18 +273,22 @@ def validate_card(card: Any, where: str = "card") -> dict:
         raise CardError(f"{where}: card checksum mismatch (the card was modified after it was written)")
     v.str_(card["created"], "created")
     v.obj(card["environment"], "environment")
-    exp = _validate_config(v, card["config"])
+    exp = _validate_config(v, card["config"], allow_changed_task)
     _validate_seeds(v, card["seeds"], exp)
     _validate_results(v, card["results"], exp)
     return card
 
 
-CONFIG_KEYS = ("task", "task_options", "perturbation", "perturbation_params", "t0", "window", "horizon", "seeds",
+CONFIG_KEYS = ("task", "task_options", "task_source", "perturbation", "perturbation_params", "t0", "window", "horizon", "seeds",
                "metrics", "aa_check", "device", "threads", "estimand", "probe_every", "baseline", "arms",
                "arm_labels", "estimands", "higher_is_better")
 
 
-def _validate_config(v: _V, c):
+class TaskChangedError(CardError):
+    """The source file of the card's user task differs from the one the card was made with."""
+
+
+def _validate_config(v: _V, c, allow_changed_task: bool = False):
     from memstate.experiment import ConfigError
 
     v.obj(c, "config", CONFIG_KEYS)
@@ -292,6 +299,19 @@ def _validate_config(v: _V, c):
     except (TypeError, ValueError, KeyError) as e:  # a value of a type the constructor never expects
         v.fail("config", f"invalid ({type(e).__name__}: {e})")
     derived = exp.config()
+    from memstate.tasks import task_source
+
+    recorded_src, src = c["task_source"], task_source(exp.task)
+    if isinstance(src, dict):
+        src.pop("file")
+        derived["task_source"] = src
+    if isinstance(recorded_src, dict) and isinstance(src, dict) and recorded_src.get("xxh3") != src.get("xxh3") \
+            and {k: x for k, x in recorded_src.items() if k != "xxh3"} == {k: x for k, x in src.items() if k != "xxh3"}:
+        if not allow_changed_task:
+            raise TaskChangedError(
+                f"{v.where}: the task's source file {exp.task_file} has changed since the card was written "
+                f"(xxh3 {recorded_src.get('xxh3')} recorded, {src.get('xxh3')} now)")
+        derived["task_source"] = recorded_src
     for key in CONFIG_KEYS:
         if _canonical(derived[key]) != _canonical(c[key]):
             v.fail(f"config.{key}", f"{c[key]!r} does not match what this configuration gives "
@@ -406,14 +426,21 @@ def _validate_results(v: _V, res, exp) -> None:
 
 
 def experiment_from_card(card: dict, progress: bool = False):
+    """The card's Experiment. A user task is imported by its recorded import path; its
+    recorded source identity is kept (the card was validated, so a changed source file was
+    either refused or allowed with ``allow_changed_task``), so seed records keep the card's
+    config hash and every recorded value is compared."""
     from memstate.experiment import Experiment
 
     c = card["config"]
-    return Experiment(c["task"], c["perturbation"], t0=c["t0"], window=c["window"], horizon=c["horizon"],
-                      seeds=c["seeds"], metrics=c["metrics"], aa_check=c["aa_check"],
-                      perturbation_params=c["perturbation_params"], task_options=c["task_options"],
-                      device=c["device"], threads=c["threads"], estimand=c["estimand"],
-                      probe_every=c["probe_every"], baseline=c["baseline"], progress=progress)
+    exp = Experiment(c["task"], c["perturbation"], t0=c["t0"], window=c["window"], horizon=c["horizon"],
+                     seeds=c["seeds"], metrics=c["metrics"], aa_check=c["aa_check"],
+                     perturbation_params=c["perturbation_params"], task_options=c["task_options"],
+                     device=c["device"], threads=c["threads"], estimand=c["estimand"],
+                     probe_every=c["probe_every"], baseline=c["baseline"], progress=progress)
+    if isinstance(c.get("task_source"), dict) and isinstance(exp.task_source, dict):
+        exp.task_source = c["task_source"]
+    return exp
 
 
 def compare_seed(recorded: dict, fresh: dict, t0: int = 0) -> Optional[str]:

@@ -5,6 +5,8 @@
     memstate replay card.json          re-run a protocol card and verify every fingerprint
     memstate report card.json          regenerate report.html from a card
     memstate verify [--device]         RNG isolation / A-A check on this hardware (+ CPU == CUDA)
+    memstate verify --script train.py  run your training script twice with an audit trail, diff them
+    memstate diff TRAIL_A TRAIL_B      first step and tensors where two audit trails differ
     memstate info                      versions, build, devices and determinism settings
     memstate demo                      a short tour of fingerprints, optimizers and snapshots
 """
@@ -239,7 +241,8 @@ def _prepare_run(args):
         out = args.resume
     else:
         cfg = _run_config(args)
-        default = os.path.join("runs", f"{cfg['task']}-{cfg['perturbation']}" + ("-quick" if args.quick else ""))
+        task_dir = "".join(c if c.isalnum() or c in "_.-" else "-" for c in str(cfg["task"]))
+        default = os.path.join("runs", f"{task_dir}-{cfg['perturbation']}" + ("-quick" if args.quick else ""))
         out = args.out or default
     exp = _experiment(cfg, progress=not args.no_progress)
     if not args.resume and os.path.exists(out):
@@ -311,10 +314,16 @@ def _parse_seeds(text: str) -> List[int]:
 
 
 def cmd_replay(args) -> int:
-    from memstate.card import CardError, read_card, replay
+    from memstate.card import CardError, TaskChangedError, read_card, replay
 
     try:
-        card = read_card(args.card)
+        try:
+            card = read_card(args.card)
+        except TaskChangedError as e:
+            if not args.allow_changed_task:
+                raise UsageError(f"{e}; refusing to replay (--allow-changed-task replays it anyway)") from None
+            print(f"memstate replay: NOTE: {e}; replaying anyway because of --allow-changed-task")
+            card = read_card(args.card, allow_changed_task=True)
         seeds = _parse_seeds(args.seeds) if args.seeds else None
         missing = [s for s in seeds or () if s not in card["config"]["seeds"]]
         if missing:
@@ -343,7 +352,7 @@ def cmd_report(args) -> int:
     from memstate.report import write_report
 
     try:
-        card = read_card(args.card)
+        card = read_card(args.card, allow_changed_task=True)  # a report re-runs nothing
     except CardError as e:
         print(f"memstate report: {e}", file=sys.stderr)
         return 2
@@ -355,8 +364,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    """``memstate diff``: a thin call of ``memstate.audit.main_diff`` (exit 0 identical,
+    1 differing, 2 an unreadable trail)."""
+    from memstate.audit import main_diff
+
+    return main_diff([args.trail_a, args.trail_b] + (["--plot", args.plot] if args.plot else []))
+
+
 def cmd_verify(args) -> int:
     import torch
+
+    if args.script is not None:  # a thin call of memstate.audit.main_verify_script (exit 0, 1, 2)
+        from memstate.audit import main_verify_script
+
+        if args.device is not None:
+            print("memstate verify: --device is for the built-in A/A check; a --script chooses its own device",
+                  file=sys.stderr)
+            return 2
+        forward = ["--script", args.script]
+        for flag, value in (("--steps", args.steps), ("--out", args.out), ("--timeout", args.timeout)):
+            if value is not None:
+                forward += [flag, str(value)]
+        return main_verify_script(forward + (["--", *args.script_args] if args.script_args else []))
+    if args.steps is not None or args.out is not None or args.timeout is not None or args.script_args:
+        print("memstate verify: --steps, --out, --timeout and '-- args' go with --script", file=sys.stderr)
+        return 2
+    args.device = args.device or "cpu"
 
     from memstate.experiment import ConfigError, Experiment
 
@@ -426,6 +460,10 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _t0(text: str):
+    return "boundary" if text == "boundary" else _nonneg_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memstate", description="Determinism and training-state audit for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -437,14 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and report.html. Flags override the TOML config; the TOML keys are: "
                                    + ", ".join(RUN_DEFAULTS) + ".")
     r.add_argument("config", nargs="?", help="a TOML file with any of the keys: " + ", ".join(RUN_DEFAULTS))
-    r.add_argument("--task", help="built-in task: digits, teacher or ema_queue (default digits)")
+    r.add_argument("--task", help="built-in task (digits, teacher or ema_queue; default digits), or the import path "
+                                  "'package.module:Class' of a memstate.Task subclass (the current directory is on "
+                                  "the import path, as with python -m; see docs/tasks.md)")
     r.add_argument("--perturbation", help="a primitive (memstate.perturb.names()), or A+B / A+B+C for a 2^k "
                                           "factorial design (default reset_momentum)")
     r.add_argument("--estimand", choices=["treatment", "order"],
                    help="treatment: each primitive's own estimand, memory kept minus perturbed (default); order: "
                         "ATE_order = E[M(rr) - M(wr)] (perturbation policy_switch, t0 0, window = horizon)")
     r.add_argument("--seeds", type=_positive_int, help="number of seeds, 0..N-1 (default 5; at least 2)")
-    r.add_argument("--t0", type=_nonneg_int, help="branch step (default 30)")
+    r.add_argument("--t0", type=_t0, help="branch step (default 30), or 'boundary': the task's first phase "
+                                          "boundary (e.g. digits with task_options phases='split')")
     r.add_argument("--window", type=_positive_int,
                    help="hold-window length in steps for every factor (default: each primitive's own rule)")
     r.add_argument("--horizon", type=_positive_int, help="total training steps (default 120)")
@@ -468,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
                                        "1 a mismatch, 2 an unreadable or invalid card)")
     rp.add_argument("card", help="path of a card.json")
+    rp.add_argument("--allow-changed-task", action="store_true",
+                    help="replay even if the user task's source file changed since the card was written (the "
+                         "output says so); without it that is refused with exit 2")
     rp.add_argument("--seeds", metavar="S,S", help="replay only these seeds, e.g. 0,3 (skips the statistics check)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
@@ -477,14 +521,42 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the card's directory")
     rr.set_defaults(func=cmd_report)
     v = sub.add_parser("verify", help="A/A isolation on this hardware, and CPU == CUDA optimizer steps when a GPU is "
-                                      "visible; prints PASS, FAIL or SKIPPED per check")
-    v.add_argument("--device", default="cpu", help="device for the A/A check: cpu or cuda[:N] (default cpu)")
-    v.set_defaults(func=cmd_verify)
+                                      "visible; prints PASS, FAIL or SKIPPED per check. With --script: runs your "
+                                      "training script twice with an audit trail and diffs the trails",
+                       description="Without --script: the built-in A/A isolation check (and CPU == CUDA optimizer "
+                                   "steps when a GPU is visible). With --script train.py [--steps N] [-- args...]: "
+                                   "runs 'python train.py args' twice in fresh processes, each recording an audit "
+                                   "trail (the script calls memstate.audit.auto()), and prints PASS or the first "
+                                   "divergence with hints; exit 0 PASS, 1 divergence, 2 a run failed. "
+                                   "See docs/audit.md.")
+    v.add_argument("--device", default=None, help="device for the A/A check: cpu or cuda[:N] (default cpu)")
+    v.add_argument("--script", metavar="TRAIN.py", help="your training script (it calls memstate.audit.auto())")
+    v.add_argument("--steps", type=_positive_int, metavar="N", help="with --script: record only the first N steps")
+    v.add_argument("--out", metavar="DIR", help="with --script: keep the two trails in DIR (default: a temporary "
+                                                "directory)")
+    v.add_argument("--timeout", type=float, metavar="S", help="with --script: seconds per run")
+    v.set_defaults(func=cmd_verify, script_args=[])
+    d = sub.add_parser("diff", help="compare two audit trails: the first differing step, its tensors (grad -> "
+                                    "optimizer state -> param -> buffers) and whether the inputs differed; exit 0 "
+                                    "identical, 1 differing, 2 an unreadable trail",
+                       description="Compares two memstate audit trails (memstate.audit.Trail) step by step. "
+                                   "See docs/audit.md.")
+    d.add_argument("trail_a", metavar="TRAIL_A", help="an audit trail file")
+    d.add_argument("trail_b", metavar="TRAIL_B", help="another audit trail file")
+    d.add_argument("--plot", metavar="OUT.png", help="draw the fraction of differing tensors per step")
+    d.set_defaults(func=cmd_diff)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args: List[str] = []
+    if argv[:1] == ["verify"] and "--" in argv:  # memstate verify --script train.py -- args for the script
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if script_args:
+        args.script_args = script_args
     try:
         return args.func(args)
     except ImportError as e:

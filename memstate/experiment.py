@@ -119,10 +119,13 @@ class Experiment:
     """A seed-paired branch-and-hold experiment (see the module docstring).
 
     Args:
-        task: a task name (``memstate.tasks.names()``) or a Task object.
+        task: a built-in task name (``memstate.tasks.names()``), an import path
+            ``"package.module:Class"`` of a ``memstate.Task`` subclass (docs/tasks.md), or a Task
+            object (recorded by its class's import path, so its card replays when that module
+            is importable).
         perturbation: a primitive name (``memstate.perturb.names()``), or 2-3 distinct names
             ("a+b+c" or a list) for a 2^k factorial design.
-        t0: the branch step (0 <= t0 < horizon).
+        t0: the branch step (0 <= t0 < horizon), or "boundary": the task's first phase boundary.
         window: hold-window length in steps for every factor; a dict name -> steps (or None)
             per factor; None for each primitive's own default window rule.
         horizon: total steps; every window must end by then.
@@ -155,13 +158,34 @@ class Experiment:
             raise ConfigError(f"task_options must be a table of task options, got {task_options!r}")
         self.task_options = dict(task_options or {})
         if isinstance(task, str):
-            if task not in _tasks.names():
-                raise ConfigError(f"unknown task {task!r}; valid: {', '.join(_tasks.names())}")
+            if task not in _tasks.names() and ":" not in task:
+                raise ConfigError(f"unknown task {task!r}; valid: {', '.join(_tasks.names())}, or an import path "
+                                  f"'package.module:Class' of a memstate.Task subclass")
             try:
                 task = _tasks.get(task, **self.task_options)
+            except _tasks.TaskImportError as e:
+                raise ConfigError(str(e)) from None
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"task_options: {e}") from None
+        elif not isinstance(task, _tasks.Task):
+            raise ConfigError(f"task must be a name, an import path 'package.module:Class' or a memstate.Task, "
+                              f"got {type(task).__name__}")
+        elif _tasks.import_path(task) is not None and not task_options:
+            self.task_options = dict(task.options)  # so a card of a Task object replays it
         self.task = task
+        #: the card's "task": the built-in name, or the import path of a user task
+        self.task_spec = _tasks.import_path(task) or task.name
+        src = _tasks.task_source(task)
+        #: the module file of a user task (None for a built-in one), named in replay messages
+        self.task_file = src and src.pop("file")
+        #: what the card records of a user task: import path, resolved options, xxh3 of its file
+        self.task_source = src
+        if t0 == "boundary":
+            bounds = task.boundaries()
+            if not bounds:
+                raise ConfigError(f"t0='boundary': task {self.task_spec} declares no phases (e.g. digits with "
+                                  f"task_options phases='split')")
+            t0 = bounds[0]
         if isinstance(perturbation, str):
             names = perturbation.split("+")
         elif isinstance(perturbation, (list, tuple)) and all(isinstance(n, str) for n in perturbation):
@@ -282,7 +306,7 @@ class Experiment:
         return labels
 
     def config(self) -> dict:
-        return {"task": self.task.name, "task_options": self.task_options, "perturbation": self.perturbation,
+        return {"task": self.task_spec, "task_options": self.task_options, "task_source": self.task_source, "perturbation": self.perturbation,
                 "perturbation_params": self.perturbation_params, "t0": self.t0, "window": self.window,
                 "horizon": self.horizon, "seeds": self.seeds, "metrics": list(self.metrics),
                 "aa_check": self.aa_check, "device": self.device, "threads": self.threads,

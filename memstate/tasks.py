@@ -14,6 +14,11 @@ augmentations and dropout masks except where a perturbation primitive changed th
 
 ``tasks.get(name, **options)`` raises ValueError listing the valid names for an unknown task
 and the valid options for an unknown option (``Task.defaults`` lists them with defaults).
+``name`` may also be the import path ``"package.module:Class"`` of a user ``Task`` subclass
+(``load``; the current directory is put on ``sys.path`` first, as ``python -m`` does): only
+``build``, ``train_step`` and ``evaluate`` are required, the rest has defaults (``Task``'s
+docstring, docs/tasks.md). ``task_source(task)`` is what a card records of it (import path,
+resolved options, xxh3-128 of the module's source file).
 
 The interface (``Task``):
 
@@ -75,6 +80,11 @@ Tasks:
     still underfits after 100 steps: accuracy 0.93, ECE 0.19); ``momentum`` applies
     to SGD only, ``betas`` to AdamW only; ``lr=None`` / ``weight_decay=None`` mean the
     optimizer's default (SGD weight decay 0). Metrics accuracy, loss, ece.
+    ``phases="split"`` (with ``boundary`` = 60, ``head`` = "same" | "fresh"): steps before
+    ``boundary`` train on the batch's examples of classes 0-4, later steps on those of 5-9
+    (``phases``: pretrain / finetune); ``head="fresh"`` redraws the classifier from
+    ``contract.generator("init", 2)`` at the start of the boundary step; the probe is the
+    probe examples of classes 5-9, plus the metric ``pretrain_accuracy`` on those of 0-4.
     ``ema_decay=<float>`` adds ``extra["ema"]`` (a weight-averaged copy of the model, also its
     BatchNorm statistics, updated after every step) and ``extra["ema_decay"]`` (0-d float64),
     and the metrics ema_accuracy, ema_loss, ema_ece of the shadow, so ``reset_ema`` has an
@@ -125,8 +135,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,7 +149,8 @@ from memstate.data import POLICIES, OrderSampler
 from memstate.perturb import TrainState, teacher_frozen
 from memstate.rng import RngContract
 
-__all__ = ["Task", "DigitsTask", "TeacherTask", "EmaQueueTask", "names", "get", "expected_calibration_error",
+__all__ = ["Task", "TaskImportError", "load", "import_task_class", "import_path", "task_source", "source_hash",
+           "DigitsTask", "TeacherTask", "EmaQueueTask", "names", "get", "expected_calibration_error",
            "DATA_SEED"]
 
 DATA_SEED = 20240601
@@ -446,41 +458,90 @@ _COMMON: Dict[str, Tuple[Any, Callable]] = {
 
 
 # ----------------------------------------------------------------------------------- Task
+def _v_json(k, v):
+    """Options of a user task: any JSON value (they are written to the card and given back on replay)."""
+    import json
+
+    try:
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {k} must be a JSON value (number, string, bool, null, list, table), "
+                         f"got {v!r}") from None
+    return v
+
+
+_HIGHER_SUFFIXES = ("accuracy", "acc", "r2", "auc", "f1")
+
+
 class Task:
-    """A built-in training task (see the module docstring). Use ``memstate.tasks.get``."""
+    """A training task: the protocol every experiment, card and replay runs on.
+
+    Subclass it for your own training code (docs/tasks.md). Required: ``build(seed, *,
+    device="cpu", name=None) -> TrainState``, ``train_step(state, step) -> float`` and
+    ``evaluate(state) -> {metric: float}``. Everything else has a default:
+
+    - ``option_defaults`` (class attribute, name -> JSON default): the options the constructor
+      accepts (``Task(**options)``; unknown ones are refused); ``options`` holds the resolved
+      values and ``to_json`` records them, so replay rebuilds the same task;
+    - ``metrics`` / ``higher_is_better``: declared, or derived from ``evaluate`` on the state
+      ``build(0)`` returns (a metric is higher-is-better if its name ends in accuracy, acc, r2,
+      auc or f1, unless ``higher_is_better`` says otherwise);
+    - ``predictions(state)``: the vector of ``evaluate``'s metrics (float64), so the arm
+      disagreement is the mean squared difference of the probe metrics; override it with
+      per-example predictions (int64 class ids or float outputs) for a per-example
+      disagreement;
+    - ``snapshot_sources(state)``: the TrainState's model, optimizer, sampler and the tensor /
+      module entries of ``state.extra``;
+    - ``horizon``: the ``horizon`` option if there is one, else ``default_horizon``;
+    - ``phases``: ``()`` or ``[(name, start, end), ...]`` covering ``0 .. horizon`` in order;
+      the data, loss or learning rate may change at a boundary (``boundaries()``: every start
+      but the first; ``t0="boundary"`` branches at the first).
+
+    ``new_state`` builds a TrainState the way the built-in tasks do (contract, weights drawn
+    from the contract's "init" stream, OrderSampler).
+    """
 
     name: str = ""
     metrics: Tuple[str, ...] = ()
     higher_is_better: Dict[str, bool] = {}
     option_spec: Dict[str, Tuple[Any, Callable]] = {}
+    option_defaults: Dict[str, Any] = {}
+    default_horizon: int = 100
+    phases: Sequence[Tuple[str, int, int]] = ()
     default_lr: Dict[str, float] = {"sgd": 0.05, "adamw": 3e-3}
     default_weight_decay: Dict[str, float] = {"sgd": 0.0, "adamw": 0.01}
 
     def __init__(self, **options):
-        spec = self.option_spec
+        spec = self.option_spec or {k: (d, _v_json) for k, d in self.option_defaults.items()}
         unknown = sorted(set(options) - set(spec))
         if unknown:
-            raise ValueError(f"task {self.name!r}: unknown option(s) {', '.join(unknown)}; valid options: "
-                             f"{', '.join(f'{k} (default {d!r})' for k, (d, _) in spec.items())}")
+            valid = ", ".join(f"{k} (default {d!r})" for k, (d, _) in spec.items()) or "none"
+            raise ValueError(f"task {self.name or type(self).__name__!r}: unknown option(s) {', '.join(unknown)}; "
+                             f"valid options: {valid}")
         resolved = {}
         for k, (default, check) in spec.items():
-            v = options.get(k, default)
-            resolved[k] = check(k, v) if (k in options) else default
-        if resolved.get("lr") is None:
+            resolved[k] = check(k, options[k]) if (k in options) else default
+        if "lr" in resolved and resolved["lr"] is None:
             resolved["lr"] = self.default_lr[resolved["optimizer"]]
-        if resolved.get("weight_decay") is None:
+        if "weight_decay" in resolved and resolved["weight_decay"] is None:
             resolved["weight_decay"] = self.default_weight_decay[resolved["optimizer"]]
         self.options: Dict[str, Any] = resolved
+        if not self.name:
+            self.name = type(self).__name__
         self.metrics, self.higher_is_better = self._metric_spec()
 
     @property
     def defaults(self) -> Dict[str, Any]:
-        return {k: d for k, (d, _) in self.option_spec.items()}
+        return {k: d for k, (d, _) in self.option_spec.items()} if self.option_spec else dict(self.option_defaults)
 
     @property
     def horizon(self) -> int:
         """Default number of training steps of a run."""
-        return int(self.options["horizon"])
+        return int(self.options.get("horizon", self.default_horizon))
+
+    def boundaries(self) -> List[int]:
+        """Steps at which a new phase starts (every phase start but the first)."""
+        return [int(start) for _, start, _ in list(self.phases)[1:]]
 
     def __repr__(self):
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
@@ -489,11 +550,72 @@ class Task:
     def to_json(self) -> Dict[str, Any]:
         return {"task": self.name, "options": dict(self.options), "metrics": list(self.metrics),
                 "higher_is_better": dict(self.higher_is_better), "horizon": self.horizon,
-                "data_seed": DATA_SEED}
+                "phases": [list(p) for p in self.phases], "data_seed": DATA_SEED}
 
-    # ------------------------------------------------------------------ to override
+    # ------------------------------------------------------------------ the protocol
+    def build(self, seed: int, *, device: str = "cpu", name: Optional[str] = None) -> TrainState:
+        """A fresh training state at step 0, fully determined by ``seed`` (see the module doc).
+        ``name``: the contract's registry name (default ``{task}/seed{seed}/{8 hex}``, unique)."""
+        if type(self)._make_model is Task._make_model:
+            raise NotImplementedError(f"{type(self).__name__} must implement build(seed, *, device, name)")
+        n_train = int(self._data(torch.device(device))["y_train"].shape[0])
+        return self.new_state(seed, self._make_model, self._make_optimizer, n_train, device=device, name=name,
+                              batch_size=self.options["batch_size"], policy=self.options["policy"],
+                              extra=self._make_extra)
+
+    def train_step(self, state: TrainState, step: int) -> float:
+        raise NotImplementedError(f"{type(self).__name__} must implement train_step(state, step) -> loss")
+
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate(state) -> {{metric: value}}")
+
+    def predictions(self, state: TrainState) -> torch.Tensor:
+        """Default: the probe metrics as a float64 vector (in ``metrics`` order)."""
+        m = self.evaluate(state)
+        return torch.tensor([float(m[k]) for k in self.metrics], dtype=torch.float64)
+
+    def snapshot_sources(self, state: TrainState) -> Dict[str, Any]:
+        """Keyword arguments for ``memstate.Snapshot.capture`` covering the whole state."""
+        extra = {k: v for k, v in (state.extra or {}).items() if isinstance(v, (torch.Tensor, nn.Module))}
+        return {"model": state.model, "optimizer": state.optimizer, "sampler": state.sampler, "extra": extra}
+
+    def new_state(self, seed: int, make_model: Callable[[], nn.Module],
+                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], n_train: int, *,
+                  device="cpu", name: Optional[str] = None, batch_size: int = 64, policy: str = "rr",
+                  extra: Optional[Callable[[nn.Module, RngContract, torch.device], Dict[str, Any]]] = None
+                  ) -> TrainState:
+        """A TrainState at step 0 determined by ``seed``: ``RngContract(seed, name=...)``,
+        ``make_model()`` constructed under ``torch.random.fork_rng`` (the global RNG does not
+        move), conv/linear weights drawn from ``contract.generator("init")`` on the CPU, moved
+        to ``device``, ``make_optimizer(model)``, ``OrderSampler(n_train, batch_size, policy)``
+        on the contract, and ``extra(model, contract, device)`` (default ``{}``)."""
+        _warm_up()
+        if name is None:
+            name = f"{self.name}/seed{seed}/{uuid.uuid4().hex[:8]}"
+        contract = RngContract(seed, name=name)
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep it out
+            model = make_model()
+        _init_weights(model, contract.generator("init"))
+        model.to(device)
+        model.train()
+        optimizer = make_optimizer(model)
+        sampler = OrderSampler(n_train, batch_size, policy=policy, contract=contract)
+        ext = extra(model, contract, device) if extra is not None else {}
+        return TrainState(model=model, optimizer=optimizer, sampler=sampler, extra=ext, step=0, contract=contract)
+
+    # ------------------------------------------------------------------ built-in hooks
     def _metric_spec(self) -> Tuple[Tuple[str, ...], Dict[str, bool]]:
-        raise NotImplementedError
+        metrics = tuple(self.metrics)
+        if not metrics:
+            import gc
+
+            state = self.build(0)
+            metrics = tuple(self.evaluate(state))
+            del state
+            gc.collect()  # the throwaway state's RngContract must not outlive this call
+        hib = {m: bool(self.higher_is_better.get(m, m.lower().endswith(_HIGHER_SUFFIXES))) for m in metrics}
+        return metrics, hib
 
     def _data(self, device) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -516,25 +638,6 @@ class Task:
             return _optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
         return _optim.AdamW(model.parameters(), lr=o["lr"], betas=o["betas"], weight_decay=o["weight_decay"])
 
-    def build(self, seed: int, *, device: str = "cpu", name: Optional[str] = None) -> TrainState:
-        """A fresh training state at step 0, fully determined by ``seed`` (see the module doc).
-        ``name``: the contract's registry name (default ``{task}/seed{seed}/{8 hex}``, unique)."""
-        _warm_up()
-        if name is None:
-            name = f"{self.name}/seed{seed}/{uuid.uuid4().hex[:8]}"
-        contract = RngContract(seed, name=name)
-        device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):  # construction draws from the global RNG: keep it out
-            model = self._make_model()
-        _init_weights(model, contract.generator("init"))
-        model.to(device)
-        model.train()
-        optimizer = self._make_optimizer(model)
-        n_train = int(self._data(device)["y_train"].shape[0])
-        sampler = OrderSampler(n_train, self.options["batch_size"], policy=self.options["policy"], contract=contract)
-        extra = self._make_extra(model, contract, device)
-        return TrainState(model=model, optimizer=optimizer, sampler=sampler, extra=extra, step=0, contract=contract)
-
     def _batch(self, state: TrainState, step: int):
         dev = _device_of(state.model)
         d = self._data(dev)
@@ -549,11 +652,6 @@ class Task:
         ema = state.extra.get("ema")
         if ema is not None:
             _ema_update(ema, state.model, float(state.extra["ema_decay"]))
-
-    def snapshot_sources(self, state: TrainState) -> Dict[str, Any]:
-        """Keyword arguments for ``memstate.Snapshot.capture`` covering the whole state."""
-        extra = {k: v for k, v in (state.extra or {}).items() if isinstance(v, (torch.Tensor, nn.Module))}
-        return {"model": state.model, "optimizer": state.optimizer, "sampler": state.sampler, "extra": extra}
 
     def _ema_extra(self, model: nn.Module) -> Dict[str, Any]:
         d = self.options.get("ema_decay")
@@ -572,10 +670,17 @@ class _Supervised(Task):
     def _make_extra(self, model, contract, device):
         return self._ema_extra(model)
 
+    def _at_step(self, state: TrainState, step: int) -> None:
+        """Called first in every train_step (phase changes of the state happen here)."""
+
     def train_step(self, state: TrainState, step: int) -> float:
         step = _check_step(step)
         model, opt = state.model, state.optimizer
+        self._at_step(state, step)
         x, y = self._batch(state, step)
+        if y.shape[0] == 0:  # a phase-split batch with no example of the phase: no update
+            state.step = step + 1
+            return 0.0
         if self.options["noise"] > 0:
             x = x + self._noise(state.contract.generator("augment", step=step), x)
         model.train()
@@ -592,29 +697,99 @@ class _Supervised(Task):
         with _Eval(module):
             return module(x)
 
-    def evaluate(self, state: TrainState) -> Dict[str, float]:
+    def evaluate_all(self, state: TrainState) -> Dict[str, float]:
         x, y = self.probe_set(_device_of(state.model))
         out = self._probe_metrics(self._outputs(state.model, x), y)
         ema = (state.extra or {}).get("ema")
         if ema is not None and "ema_loss" in self.metrics:
             out.update({f"ema_{k}": v for k, v in self._probe_metrics(self._outputs(ema, x), y).items()})
+        return out
+
+    def evaluate(self, state: TrainState) -> Dict[str, float]:
+        out = self.evaluate_all(state)
         return {k: out[k] for k in self.metrics}
+
+
+#: Classes of each phase of ``digits`` with ``phases="split"``.
+SPLIT_CLASSES = {"pretrain": (0, 1, 2, 3, 4), "finetune": (5, 6, 7, 8, 9)}
 
 
 class DigitsTask(_Supervised):
     name = "digits"
     option_spec = {**_COMMON, "arch": ("cnn", _v_choice("cnn", "mlp")),
                    "dropout": (0.25, _v_float(0.0, 1.0, hi_open=True)),
-                   "ema_decay": (None, _v_float(0.0, 1.0, lo_open=True, hi_open=True, none_ok=True))}
+                   "ema_decay": (None, _v_float(0.0, 1.0, lo_open=True, hi_open=True, none_ok=True)),
+                   "phases": ("none", _v_choice("none", "split")), "boundary": (60, _v_int(1)),
+                   "head": ("same", _v_choice("same", "fresh"))}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self._split and self.options["boundary"] >= self.horizon:
+            raise ValueError(f"option boundary ({self.options['boundary']}) must be before the horizon "
+                             f"({self.horizon})")
+
+    @property
+    def _split(self) -> bool:
+        return self.options.get("phases", "none") == "split"
+
+    @property
+    def phases(self):
+        """``[("pretrain", 0, boundary), ("finetune", boundary, horizon)]`` with phases="split"."""
+        if not self._split:
+            return ()
+        b = self.options["boundary"]
+        return [("pretrain", 0, b), ("finetune", b, self.horizon)]
 
     def _metric_spec(self):
         m = ("accuracy", "loss", "ece")
-        if self.options["ema_decay"] is not None:
+        if self.options.get("ema_decay") is not None:
             m = m + ("ema_accuracy", "ema_loss", "ema_ece")
+        if self._split:
+            m = m + ("pretrain_accuracy",)
         return m, {k: k.endswith("accuracy") for k in m}
 
     def _data(self, device):
-        return _on(_DIGITS_CACHE, str(torch.device(device)), _digits_cpu(), torch.device(device))
+        d = _on(_DIGITS_CACHE, str(torch.device(device)), _digits_cpu(), torch.device(device))
+        if self._split and "x_probe_finetune" not in d:
+            for phase, classes in SPLIT_CLASSES.items():
+                keep = torch.isin(d["y_probe"], torch.tensor(classes, device=d["y_probe"].device))
+                d[f"x_probe_{phase}"], d[f"y_probe_{phase}"] = d["x_probe"][keep], d["y_probe"][keep]
+        return d
+
+    def probe_set(self, device="cpu"):
+        """The fixed probe; with phases="split", its finetune-class (5-9) examples."""
+        d = self._data(torch.device(device))
+        if self._split:
+            return d["x_probe_finetune"], d["y_probe_finetune"]
+        return d["x_probe"], d["y_probe"]
+
+    def _batch(self, state, step):
+        """The step's batch; with phases="split", only its examples of the phase's classes."""
+        x, y = super()._batch(state, step)
+        if self._split:
+            phase = "pretrain" if step < self.options["boundary"] else "finetune"
+            keep = torch.isin(y, torch.tensor(SPLIT_CLASSES[phase], device=y.device))
+            x, y = x[keep], y[keep]
+        return x, y
+
+    def _at_step(self, state, step):
+        """With phases="split" and head="fresh": the classifier is drawn afresh (torch's default
+        init from ``contract.generator("init", 2)``) at the start of the boundary step."""
+        if self._split and self.options["head"] == "fresh" and step == self.options["boundary"]:
+            head = state.model.classifier
+            fresh = nn.Linear(head.in_features, head.out_features)
+            _init_weights(fresh, state.contract.generator("init", 2))
+            with torch.no_grad():
+                head.weight.copy_(fresh.weight)
+                head.bias.copy_(fresh.bias)
+
+    def evaluate(self, state):
+        out = super().evaluate_all(state)
+        if self._split:
+            d = self._data(_device_of(state.model))
+            logits = self._outputs(state.model, d["x_probe_pretrain"])
+            out["pretrain_accuracy"] = float((logits.argmax(dim=1) == d["y_probe_pretrain"]).double().mean().item())
+        return {k: out[k] for k in self.metrics}
 
     def _make_model(self):
         return DigitsNet(self.options["arch"], self.options["dropout"])
@@ -672,7 +847,8 @@ class TeacherTask(_Supervised):
 
 class EmaQueueTask(DigitsTask):
     name = "ema_queue"
-    option_spec = {**{k: v for k, v in DigitsTask.option_spec.items() if k != "ema_decay"},
+    option_spec = {**{k: v for k, v in DigitsTask.option_spec.items()
+                      if k not in ("ema_decay", "phases", "boundary", "head")},
                    "teacher_decay": (0.95, _v_float(0.0, 1.0, lo_open=True, hi_open=True)),
                    "queue_size": (256, _v_int(1)), "embed_dim": (32, _v_int(1)),
                    "temperature": (0.2, _v_float(0.0, lo_open=True)),
@@ -746,8 +922,89 @@ def names() -> Tuple[str, ...]:
 
 
 def get(name: str, **options) -> Task:
-    """Task ``name`` configured by ``options``; ValueError listing valid names / options otherwise."""
+    """Task ``name`` configured by ``options``; ValueError listing valid names / options otherwise.
+    ``name`` is a built-in name or an import path ``"package.module:Class"`` (see ``load``)."""
+    if isinstance(name, str) and ":" in name:
+        return load(name, **options)
     cls = _TASKS.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(_TASKS)}")
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(_TASKS)}, or an import path "
+                         f"'package.module:Class'")
     return cls(**options)
+
+
+class TaskImportError(ImportError):
+    """A user task given by import path could not be imported (one line, naming the path)."""
+
+
+def import_task_class(spec: str) -> type:
+    """The Task subclass named by ``"package.module:Class"`` (``Class`` may be dotted).
+
+    Modules are found like ``python -m`` finds them: the current working directory is put at
+    the front of ``sys.path`` (once), then ``sys.path`` and PYTHONPATH as usual. Raises
+    TaskImportError with the import error on one line."""
+    import importlib
+    import sys
+
+    mod_name, sep, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or not mod_name or not attr:
+        raise TaskImportError(f"task {spec!r}: expected an import path 'package.module:Class'")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as e:  # noqa: BLE001 - any error while importing user code is reported in one line
+        msg = " ".join(str(e).split())
+        raise TaskImportError(f"cannot import task {spec!r}: {type(e).__name__}: {msg}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Task)):
+        raise TaskImportError(f"task {spec!r} is {obj!r}, not a subclass of memstate.Task")
+    return obj
+
+
+def load(spec: str, **options) -> Task:
+    """A task given by import path ``"package.module:Class"``, constructed with ``options``
+    (ValueError for a bad option, TaskImportError if it cannot be imported)."""
+    cls = import_task_class(spec)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ValueError(f"task {spec!r}: {e}") from None
+
+
+def import_path(task: Task) -> Optional[str]:
+    """``"module:QualName"`` of a task that is not built in (None for the built-in tasks)."""
+    cls = type(task)
+    if cls in _TASKS.values():
+        return None
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def task_source(task: Task) -> Optional[Dict[str, Any]]:
+    """A user task's import path, resolved options, module source file and the xxh3-128 of
+    that file's bytes (None for a built-in task). ``file`` is None (and ``xxh3`` too) when the
+    class has no source file. Cards record all but ``file`` (a path of this machine)."""
+    import inspect
+    import sys
+
+    path = import_path(task)
+    if path is None:
+        return None
+    module = sys.modules.get(type(task).__module__)
+    file = None
+    try:
+        file = inspect.getsourcefile(module) if module is not None else None
+    except TypeError:
+        file = None
+    return {"import_path": path, "options": dict(task.options), "file": file,
+            "xxh3": source_hash(file) if file and os.path.isfile(file) else None}
+
+
+def source_hash(file: str) -> str:
+    """xxh3-128 (hex) of a file's bytes."""
+    import xxhash
+
+    with open(file, "rb") as f:
+        return xxhash.xxh3_128_hexdigest(f.read())

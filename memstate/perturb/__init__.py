@@ -12,6 +12,7 @@ The package has one module per memory source, plus the shared parts::
         s3_path.py        S3    parameter path
         s4_aux.py         S4    auxiliary state
         s5_teacher.py     S5    teacher/meta state
+        phase.py          S1+S4 ``reset_all``: the RESET arm at a phase boundary
 
 Everything public is re-exported here: use ``memstate.perturb.<name>``.
 
@@ -110,7 +111,7 @@ from memstate.perturb._core import (ESTIMAND_NAMES, REQUIRED, SOURCES, Applied, 
                                     SingleSourceViolation, TrainState, UnknownPrimitiveError, beta_for_halflife,
                                     halflife, teacher_frozen, windows_for_halflives)
 from memstate.perturb.registry import apply_checked, check_single_source, get, names, register, unregister
-from memstate.perturb import null, s1_optimizer, s2_order, s3_path, s4_aux, s5_teacher
+from memstate.perturb import null, phase, s1_optimizer, s2_order, s3_path, s4_aux, s5_teacher
 
 __all__ = [
     "halflife",
@@ -136,8 +137,8 @@ __all__ = [
 ]
 
 
-# registration order is the order of names(): null, then S1..S5
-for _module in (null, s1_optimizer, s2_order, s3_path, s4_aux, s5_teacher):
+# registration order is the order of names(): null, then S1..S5, then reset_all
+for _module in (null, s1_optimizer, s2_order, s3_path, s4_aux, s5_teacher, phase):
     for _p in _module.PRIMITIVES:
         register(_p)
 del _module, _p
