@@ -83,7 +83,13 @@ class FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._pending: List[Tuple[List[torch.Tensor], Tuple[str, ...], torch.Tensor]] = []
         self._fingerprints: Dict[int, Dict[str, Fingerprint]] = {}
+        self._plan = None  # see _plan_key / _planned_step; None: next step builds it
+        self._fp_watch: List[Tuple[torch.Tensor, int]] = []  # (tensor, _version) behind _fingerprints
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._plan = None
 
     # ------------------------------------------------------------------------------ helpers
     def _param_label(self, p: torch.Tensor) -> str:
@@ -208,6 +214,8 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_not_capturing(self._name)
+        if self._planned_step():
+            return loss
         groups_params = [self._params_with_grad(g) for g in self.param_groups]
         for gi, (group, params) in enumerate(zip(self.param_groups, groups_params)):
             self._check_group(gi, group)
@@ -215,7 +223,8 @@ class FusedOptimizer(Optimizer):
                 self._check_param(group, p)
         self.last_step_skipped = False
         self._pending = []
-        self._fingerprints = {}  # a skipped step has no fingerprints
+        self._fingerprints, self._fp_watch = {}, []  # a skipped step has no fingerprints
+        self._plan = None
         if self.skip_if_nonfinite and self._any_nonfinite(groups_params):
             self.last_step_skipped = True
             self.skipped_steps += 1
@@ -231,7 +240,19 @@ class FusedOptimizer(Optimizer):
                     self._pending.append((bucket, self._roles(group), rows))
         if self.fingerprint:
             self._after_fingerprinted_step()
+        self._plan = self._build_plan()
         return loss
+
+    # ------------------------------------------------------------------------------ cached plans
+    def _build_plan(self):
+        """Hook: the cached argument lists of the step just run, or None (no cached path). A
+        plan is used by ``_planned_step`` only while ``_plan_key()`` is unchanged."""
+        return None
+
+    def _planned_step(self) -> bool:
+        """Hook: runs the step from the cached plan and returns True, or returns False (nothing
+        done) when there is no valid plan; the full path then checks, steps and rebuilds it."""
+        return False
 
     def _begin_step(self, groups_params: List[List[torch.Tensor]]) -> None:
         """Hook: called once the step is checked and will run, before the first update."""
@@ -240,7 +261,14 @@ class FusedOptimizer(Optimizer):
         """Hook for non-kernel tensor state (e.g. Adam's step counters)."""
 
     # ------------------------------------------------------------------------------ fingerprints
+    def _fingerprints_stale(self) -> bool:
+        """Whether a tensor behind the last step's fingerprints was written since (e.g. by
+        ``Snapshot.restore``, which bumps versions, or by replacing a state entry)."""
+        return any(t._version != v for t, v in self._fp_watch)
+
     def _materialise(self) -> None:
+        if self._fp_watch and self._fingerprints_stale():
+            self._refingerprint()
         if not self._pending:
             return
         fetched = _to_host([rows for _, _, rows in self._pending])  # one host sync
@@ -356,7 +384,12 @@ class FusedOptimizer(Optimizer):
         self._check_loaded_state(state_dict)
         super().load_state_dict(state_dict)
         self._normalise_loaded_state()
-        self._pending, self._fingerprints = [], {}
+        self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+
+    def _refingerprint(self) -> None:
+        """Hook: recompute the fingerprints of the last step's tensors from their current
+        contents (they were overwritten since the step)."""
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
 
     def _normalise_loaded_state(self) -> None:
         """Hook: bring loaded state to this optimizer's conventions (e.g. step on CPU)."""
