@@ -237,3 +237,24 @@ def test_steps_after_snapshot_restore_equal_uncached():
         _train_step(model, opt, 4)
         runs.append((list(model.parameters()), opt))
     assert_same(runs[0][0], runs[0][1], runs[1][0], runs[1][1])
+
+
+@pytest.mark.parametrize("cls", [mo.AdamW, mo.SGD])
+def test_deepcopy_keeps_options_and_steps_like_the_original(cls):
+    """copy.deepcopy / pickle go through torch.optim's __getstate__, which dropped memstate's
+    options (step then raised AttributeError) and would carry a stale plan."""
+    kw = {"momentum": 0.9} if cls is mo.SGD else {}
+    params = make_params(0)
+    opt = cls(params, fingerprint=True, skip_if_nonfinite=True, **kw)
+    set_grads(params, 0)
+    opt.step()
+    params2 = [p.detach().clone().requires_grad_() for p in params]
+    opt2 = cls(params2, fingerprint=True, skip_if_nonfinite=True, **kw)
+    opt2.load_state_dict(opt.state_dict())
+    both = copy.deepcopy({"params": params, "opt": opt})
+    cparams, copt = both["params"], both["opt"]
+    assert copt.fingerprint and copt.skip_if_nonfinite
+    for ps, o in ((params2, opt2), (cparams, copt)):
+        set_grads(ps, 1)
+        o.step()
+    assert_same(params2, opt2, cparams, copt)

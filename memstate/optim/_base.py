@@ -87,6 +87,24 @@ class FusedOptimizer(Optimizer):
         self._fp_watch: List[Tuple[torch.Tensor, int]] = []  # (tensor, _version) behind _fingerprints
         super().__init__(params, defaults)
 
+    def __getstate__(self):
+        # torch.optim pickles defaults, state and param_groups only; keep our options too
+        state = super().__getstate__()
+        state["_memstate_options"] = (self.fingerprint, self.skip_if_nonfinite, self.skipped_steps)
+        return state
+
+    def __setstate__(self, state):
+        # also called by torch's load_state_dict with state and param_groups only: options kept
+        state = dict(state)
+        options = state.pop("_memstate_options", None)
+        super().__setstate__(state)
+        if options is None:
+            options = (getattr(self, "fingerprint", False), getattr(self, "skip_if_nonfinite", False),
+                       getattr(self, "skipped_steps", 0))
+        self.fingerprint, self.skip_if_nonfinite, self.skipped_steps = options
+        self.last_step_skipped = False
+        self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         self._plan = None
