@@ -1,6 +1,7 @@
 """Shared machinery of memstate's fused optimizers (policy only; the arithmetic is native)."""
 from __future__ import annotations
 
+import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +11,7 @@ from memstate import _ext
 from memstate.fingerprint import Fingerprint, StateFingerprint
 
 _M64 = (1 << 64) - 1
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -84,7 +86,8 @@ class FusedOptimizer(Optimizer):
         self._pending: List[Tuple[List[torch.Tensor], Tuple[str, ...], torch.Tensor]] = []
         self._fingerprints: Dict[int, Dict[str, Fingerprint]] = {}
         self._plan = None  # see _plan_key / _planned_step; None: next step builds it
-        self._fp_watch: List[Tuple[torch.Tensor, int]] = []  # (tensor, _version) behind _fingerprints
+        self._fp_watch: List[torch.Tensor] = []  # the tensors behind _fingerprints ...
+        self._fp_versions: List[int] = []  # ... and their version counters when fingerprinted
         super().__init__(params, defaults)
 
     def __getstate__(self):
@@ -282,7 +285,7 @@ class FusedOptimizer(Optimizer):
     def _fingerprints_stale(self) -> bool:
         """Whether a tensor behind the last step's fingerprints was written since (e.g. by
         ``Snapshot.restore``, which bumps versions, or by replacing a state entry)."""
-        return any(t._version != v for t, v in self._fp_watch)
+        return list(map(_VERSION, self._fp_watch)) != self._fp_versions
 
     def _materialise(self) -> None:
         if self._fp_watch and self._fingerprints_stale():

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from memstate import _ext
-from memstate.optim._base import FusedOptimizer
+from memstate.optim._base import _VERSION, FusedOptimizer
 
 
 def _check_hparams(lr, betas, eps, weight_decay):
@@ -125,22 +125,24 @@ class Adam(FusedOptimizer):
             self.fingerprint,
         )
 
-    def _after_fingerprinted_step(self):
+    def _after_fingerprinted_step(self, plan=None):
         # The step counters are tensor state too: fingerprint them in one native call, kept
-        # pending like the kernel's rows until someone asks.
-        params = [p for bucket, _, _ in self._pending for p in bucket]
+        # pending like the kernel's rows until someone asks. `plan`: the cached plan the step
+        # ran from (its parameter, step-counter and watch lists are this step's).
+        params = [p for bucket, _, _ in self._pending for p in bucket] if plan is None else plan["stepped"]
         if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
             return
-        rows = _ext.ops().fingerprint([self.state[p]["step"] for p in params])
+        steps = [self.state[p]["step"] for p in params] if plan is None else plan["steps"]
+        rows = _ext.ops().fingerprint(steps)
         self._pending.append((params, ("step",), rows.unsqueeze(1)))
         # versions of what was fingerprinted: a later write (Snapshot.restore) makes them stale
-        self._fp_watch = self._watch(params)
+        self._fp_watch = self._watch(params) if plan is None else plan["watch"]
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
 
     def _watch(self, params):
-        """(tensor, version) of ``params`` and their tensor state, to detect later writes."""
-        tensors = [t for st in map(self.state.__getitem__, params) for t in st.values()
-                   if isinstance(t, torch.Tensor)]
-        return [(t, t._version) for t in params + tensors]
+        """``params`` and their tensor state: the tensors whose later writes make fingerprints stale."""
+        return params + [t for st in map(self.state.__getitem__, params) for t in st.values()
+                         if isinstance(t, torch.Tensor)]
 
     def _refingerprint(self):
         # the tensors of the last step were overwritten: fingerprint what they hold now
@@ -157,6 +159,7 @@ class Adam(FusedOptimizer):
             rows = _ext.ops().fingerprint([t.contiguous() for _, t in named])
             self._pending.append(([p], tuple(k for k, _ in named), rows.unsqueeze(0)))
         self._fp_watch = self._watch(live)
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
 
     # ------------------------------------------------------------------ cached plan (see docs/optim.md)
     def _plan_groups(self):
@@ -199,7 +202,9 @@ class Adam(FusedOptimizer):
         stepped = [p for b in buckets for p in b[1]]
         return {"state": self.state, "groups": [(ids, none, amsgrad) for _, ids, _, none, amsgrad in groups],
                 "metas": [[(p.dtype, p.shape, p.device) for p in plist] for plist, *_ in groups],
-                "buckets": buckets, "stepped": stepped, "refs": self._state_refs(stepped)}
+                "buckets": buckets, "stepped": stepped, "refs": self._state_refs(stepped),
+                "steps": [s for b in buckets for s in b[5]],
+                "watch": self._watch(stepped) if self.fingerprint else None}
 
     def _planned_step(self) -> bool:
         plan = self._plan
@@ -235,7 +240,7 @@ class Adam(FusedOptimizer):
             if self.fingerprint:
                 self._pending.append((params, roles, rows))
         if self.fingerprint:
-            self._after_fingerprinted_step()
+            self._after_fingerprinted_step(plan)
         return True
 
     def _check_loaded_entry(self, p, key, v):
