@@ -11,6 +11,7 @@ MEMSTATE_FORCE_CUDA=1; MEMSTATE_NO_CUDA=1 skips them. Reproducibility flags: hos
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -80,6 +81,9 @@ def extensions():
 
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+    # Headers as depends: setuptools skips an extension whose output is newer than its sources
+    # and depends, so a header-only change must be listed to trigger the (ninja) rebuild.
+    depends = rel("csrc/*.h") + rel("csrc/*/*.h") + rel("csrc/*/*.cuh") + rel("csrc/include/memstate/*.h")
     # No -std flag: torch's build helper picks the standard its headers need (C++17 up to
     # torch 2.13, C++20 from 2.14). -fopenmp: at::parallel_for is header code that runs
     # serially unless OpenMP is on.
@@ -97,6 +101,7 @@ def extensions():
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx + ["-DMEMSTATE_WITH_CUDA"], "nvcc": nvcc},
                 extra_link_args=["-fopenmp"],
+                depends=depends,
             )
         ]
     return [
@@ -106,14 +111,32 @@ def extensions():
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
+            depends=depends,
         )
     ]
 
 
 def cmdclass():
+    import sysconfig
+
     from torch.utils import cpp_extension
 
-    return {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(cpp_extension.BuildExtension):
+        """torch's BuildExtension with ninja's build directory kept in the checkout.
+
+        ``pip install -e .`` (PEP 660) builds in a fresh temporary directory each time, so ninja
+        recompiled every file on every install. The objects and ninja's log now live in
+        build/temp.<platform>-<python> (git-ignored; the directory ``setup.py build_ext
+        --inplace`` uses too): a second install with unchanged sources compiles nothing, and a
+        changed .cpp recompiles only itself (ninja compares mtimes and command lines).
+        """
+
+        def finalize_options(self):
+            super().finalize_options()
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
+
+    return {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 setup(

@@ -8,6 +8,11 @@ its time) as a fraction of a plain device copy of the same number of bytes. Targ
 CPU: fingerprint off <= 1.0x torch fused AdamW, fingerprint on <= 1.5x; CUDA: <= 1.0x fused,
 fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
 
+Host overhead (issue 12): AdamW over 1M parameters as 10,000 tensors of 100 elements against
+100 tensors of 10,000, one thread, in the same run; prints the time per tensor of the many-tensor
+case and its ratio to the few-tensor case. Target: ratio <= 2 (host overhead <= 1 us per tensor),
+fingerprint off and on.
+
     python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--stat median|min] [--json out.json]
 """
 from __future__ import annotations
@@ -110,9 +115,43 @@ def bench(device: str, quick: bool, rounds: int, stat: str = "median"):
     return rows
 
 
+def host_overhead(device: str, rounds: int, stat: str = "median"):
+    """AdamW step of 1M parameters as 10,000 x 100 vs 100 x 10,000 elements (one CPU thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = []
+        for name, make in {"memstate": lambda ps: mo.AdamW(ps, lr=1e-3),
+                           "memstate+fp": lambda ps: mo.AdamW(ps, lr=1e-3, fingerprint=True),
+                           "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}.items():
+            cases = {}
+            for ntensors in (100, 10_000):
+                opt = make(make_params(1_000_000, ntensors, device))
+                opt.step()
+                cases[ntensors] = opt.step
+            t = _timing.interleaved(cases, device, rounds=rounds, inner=1, stat=stat)
+            rows.append({"device": device, "case": name, "ms_100": round(t[100] * 1e3, 3),
+                         "ms_10000": round(t[10_000] * 1e3, 3),
+                         "us_per_tensor": round(t[10_000] / 10_000 * 1e6, 3),
+                         "ratio": round(t[10_000] / t[100], 2)})
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main(argv=None):
     args = _timing.parse_args(__doc__, default_rounds=7, argv=argv)
     rows = []
+    over = []
+    for dev in args.devices:
+        over += host_overhead(dev, args.rounds, args.stat)
+    _timing.print_rows(
+        over,
+        f"{'dev':4} {'AdamW, 1M params, 1 thread':27} {'100x10k ms':>10} {'10kx100 ms':>10} {'us/tensor':>9} {'ratio':>6}",
+        lambda r: (f"{r['device']:4} {r['case']:27} {r['ms_100']:>10.3f} {r['ms_10000']:>10.3f} "
+                   f"{r['us_per_tensor']:>9.3f} {r['ratio']:>6.2f}"),
+        None)
+    print()
     for dev in args.devices:
         rows += bench(dev, args.quick, args.rounds, args.stat)
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"

@@ -28,13 +28,15 @@ at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint6
   const int64_t n = static_cast<int64_t>(ts.size());
   const int64_t chunk = g_chunk_bytes;
   std::vector<int64_t> chunk_begin(n + 1, 0);  // prefix sum of chunks per tensor
+  int64_t total_bytes = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t nb = nbytes_of(ts[i]);
+    total_bytes += nb;
     chunk_begin[i + 1] = chunk_begin[i] + (nb + chunk - 1) / chunk;
   }
   const int64_t nchunks = chunk_begin[n];
   std::vector<uint64_t> partial(2 * nchunks, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks, chunk_grain(nchunks, total_bytes), [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), begin) -
                 chunk_begin.begin() - 1;
     for (int64_t c = begin; c < end; ++c) {

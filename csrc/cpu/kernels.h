@@ -36,5 +36,16 @@ void set_fingerprint_chunk_bytes(int64_t bytes);
 int64_t optim_chunk_elems();
 void set_optim_chunk_elems(int64_t elems);
 
+// Work below this many bytes runs on the calling thread: waking the OpenMP pool costs far more
+// than hashing or updating a few KiB (tens of milliseconds on a loaded machine).
+constexpr int64_t kSerialBytes = int64_t{1} << 20;
+
+// Grain for at::parallel_for over `nchunks` work items that touch `total_bytes` in all: all of
+// them (so parallel_for runs inline) when the work is small, else 1. Threading never changes
+// a result, only which thread computes which chunk.
+inline int64_t chunk_grain(int64_t nchunks, int64_t total_bytes) {
+  return total_bytes < kSerialBytes ? (nchunks > 1 ? nchunks : 1) : 1;
+}
+
 }  // namespace cpu
 }  // namespace memstate

@@ -87,12 +87,14 @@ struct CpuRunner {
     const int64_t n = a.n;
     const int64_t chunk = g_optim_chunk_elems;
     std::vector<int64_t> chunk_begin(n + 1, 0);
+    int64_t total_elems = 0;
     for (int64_t i = 0; i < n; ++i) {
+      total_elems += a.roles[0][i].numel();
       chunk_begin[i + 1] = chunk_begin[i] + (a.roles[0][i].numel() + chunk - 1) / chunk;
     }
     const int64_t nchunks = chunk_begin[n];
     std::vector<uint64_t> partial(fingerprint ? nchunks * R * 2 : 0, 0);
-    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    at::parallel_for(0, nchunks, chunk_grain(nchunks, total_elems * kElem * R), [&](int64_t cb, int64_t ce) {
       int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), cb) - chunk_begin.begin() - 1;
       for (int64_t c = cb; c < ce; ++c) {
         while (chunk_begin[t + 1] <= c) ++t;
@@ -142,7 +144,8 @@ at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
     if (!at::isFloatingType(t.scalar_type()) && !at::isComplexType(t.scalar_type())) continue;
     const at::Tensor c = t.contiguous();
     const int64_t chunk = g_optim_chunk_elems;
-    at::parallel_for(0, (c.numel() + chunk - 1) / chunk, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t nchunks = (c.numel() + chunk - 1) / chunk;
+    at::parallel_for(0, nchunks, chunk_grain(nchunks, c.nbytes()), [&](int64_t cb, int64_t ce) {
       if (found.load(std::memory_order_relaxed)) return;
       const int64_t begin = cb * chunk, end = std::min(ce * chunk, c.numel());
       bool bad = false;

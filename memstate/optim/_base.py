@@ -1,6 +1,7 @@
 """Shared machinery of memstate's fused optimizers (policy only; the arithmetic is native)."""
 from __future__ import annotations
 
+import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,6 +11,7 @@ from memstate import _ext
 from memstate.fingerprint import Fingerprint, StateFingerprint
 
 _M64 = (1 << 64) - 1
+_VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -83,7 +85,32 @@ class FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._pending: List[Tuple[List[torch.Tensor], Tuple[str, ...], torch.Tensor]] = []
         self._fingerprints: Dict[int, Dict[str, Fingerprint]] = {}
+        self._plan = None  # see _plan_key / _planned_step; None: next step builds it
+        self._fp_watch: List[torch.Tensor] = []  # the tensors behind _fingerprints ...
+        self._fp_versions: List[int] = []  # ... and their version counters when fingerprinted
         super().__init__(params, defaults)
+
+    def __getstate__(self):
+        # torch.optim pickles defaults, state and param_groups only; keep our options too
+        state = super().__getstate__()
+        state["_memstate_options"] = (self.fingerprint, self.skip_if_nonfinite, self.skipped_steps)
+        return state
+
+    def __setstate__(self, state):
+        # also called by torch's load_state_dict with state and param_groups only: options kept
+        state = dict(state)
+        options = state.pop("_memstate_options", None)
+        super().__setstate__(state)
+        if options is None:
+            options = (getattr(self, "fingerprint", False), getattr(self, "skip_if_nonfinite", False),
+                       getattr(self, "skipped_steps", 0))
+        self.fingerprint, self.skip_if_nonfinite, self.skipped_steps = options
+        self.last_step_skipped = False
+        self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._plan = None
 
     # ------------------------------------------------------------------------------ helpers
     def _param_label(self, p: torch.Tensor) -> str:
@@ -208,6 +235,8 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_not_capturing(self._name)
+        if self._planned_step():
+            return loss
         groups_params = [self._params_with_grad(g) for g in self.param_groups]
         for gi, (group, params) in enumerate(zip(self.param_groups, groups_params)):
             self._check_group(gi, group)
@@ -215,7 +244,8 @@ class FusedOptimizer(Optimizer):
                 self._check_param(group, p)
         self.last_step_skipped = False
         self._pending = []
-        self._fingerprints = {}  # a skipped step has no fingerprints
+        self._fingerprints, self._fp_watch = {}, []  # a skipped step has no fingerprints
+        self._plan = None
         if self.skip_if_nonfinite and self._any_nonfinite(groups_params):
             self.last_step_skipped = True
             self.skipped_steps += 1
@@ -231,7 +261,19 @@ class FusedOptimizer(Optimizer):
                     self._pending.append((bucket, self._roles(group), rows))
         if self.fingerprint:
             self._after_fingerprinted_step()
+        self._plan = self._build_plan()
         return loss
+
+    # ------------------------------------------------------------------------------ cached plans
+    def _build_plan(self):
+        """Hook: the cached argument lists of the step just run, or None (no cached path). A
+        plan is used by ``_planned_step`` only while ``_plan_key()`` is unchanged."""
+        return None
+
+    def _planned_step(self) -> bool:
+        """Hook: runs the step from the cached plan and returns True, or returns False (nothing
+        done) when there is no valid plan; the full path then checks, steps and rebuilds it."""
+        return False
 
     def _begin_step(self, groups_params: List[List[torch.Tensor]]) -> None:
         """Hook: called once the step is checked and will run, before the first update."""
@@ -240,7 +282,14 @@ class FusedOptimizer(Optimizer):
         """Hook for non-kernel tensor state (e.g. Adam's step counters)."""
 
     # ------------------------------------------------------------------------------ fingerprints
+    def _fingerprints_stale(self) -> bool:
+        """Whether a tensor behind the last step's fingerprints was written since (e.g. by
+        ``Snapshot.restore``, which bumps versions, or by replacing a state entry)."""
+        return list(map(_VERSION, self._fp_watch)) != self._fp_versions
+
     def _materialise(self) -> None:
+        if self._fp_watch and self._fingerprints_stale():
+            self._refingerprint()
         if not self._pending:
             return
         fetched = _to_host([rows for _, _, rows in self._pending])  # one host sync
@@ -356,7 +405,12 @@ class FusedOptimizer(Optimizer):
         self._check_loaded_state(state_dict)
         super().load_state_dict(state_dict)
         self._normalise_loaded_state()
-        self._pending, self._fingerprints = [], {}
+        self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+
+    def _refingerprint(self) -> None:
+        """Hook: recompute the fingerprints of the last step's tensors from their current
+        contents (they were overwritten since the step)."""
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
 
     def _normalise_loaded_state(self) -> None:
         """Hook: bring loaded state to this optimizer's conventions (e.g. step on CPU)."""

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Tuple
 
 import torch
 
 from memstate import _ext
-from memstate.optim._base import FusedOptimizer
+from memstate.optim._base import _VERSION, FusedOptimizer
 
 
 def _check_hparams(lr, betas, eps, weight_decay):
@@ -124,14 +125,123 @@ class Adam(FusedOptimizer):
             self.fingerprint,
         )
 
-    def _after_fingerprinted_step(self):
+    def _after_fingerprinted_step(self, plan=None):
         # The step counters are tensor state too: fingerprint them in one native call, kept
-        # pending like the kernel's rows until someone asks.
-        params = [p for bucket, _, _ in self._pending for p in bucket]
+        # pending like the kernel's rows until someone asks. `plan`: the cached plan the step
+        # ran from (its parameter, step-counter and watch lists are this step's).
+        params = [p for bucket, _, _ in self._pending for p in bucket] if plan is None else plan["stepped"]
         if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
             return
-        rows = _ext.ops().fingerprint([self.state[p]["step"] for p in params])
+        steps = [self.state[p]["step"] for p in params] if plan is None else plan["steps"]
+        rows = _ext.ops().fingerprint(steps)
         self._pending.append((params, ("step",), rows.unsqueeze(1)))
+        # versions of what was fingerprinted: a later write (Snapshot.restore) makes them stale
+        self._fp_watch = self._watch(params) if plan is None else plan["watch"]
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
+
+    def _watch(self, params):
+        """``params`` and their tensor state: the tensors whose later writes make fingerprints stale."""
+        return params + [t for st in map(self.state.__getitem__, params) for t in st.values()
+                         if isinstance(t, torch.Tensor)]
+
+    def _refingerprint(self):
+        # the tensors of the last step were overwritten: fingerprint what they hold now
+        params = list({id(p): p for bucket, _, _ in self._pending for p in bucket}.values()) or [
+            p for g in self.param_groups for p in g["params"] if id(p) in self._fingerprints]
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
+        live = [p for p in params if self.state.get(p)]
+        if not live:
+            return
+        for p in live:
+            st = self.state[p]
+            named = [("param", p)] + ([("grad", p.grad)] if p.grad is not None else []) + [
+                (k, v) for k, v in st.items() if isinstance(v, torch.Tensor)]
+            rows = _ext.ops().fingerprint([t.contiguous() for _, t in named])
+            self._pending.append(([p], tuple(k for k, _ in named), rows.unsqueeze(0)))
+        self._fp_watch = self._watch(live)
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
+
+    # ------------------------------------------------------------------ cached plan (see docs/optim.md)
+    def _plan_groups(self):
+        """Per group: (params, ids of group['params'], grads, whether each grad is None, amsgrad).
+        The cheap part of the plan key, recomputed every step (one pass over the parameters)."""
+        out = []
+        for group in self.param_groups:
+            plist = group["params"]
+            grads = [p.grad for p in plist]
+            out.append((plist, list(map(id, plist)), grads, [g is None for g in grads], bool(group["amsgrad"])))
+        return out
+
+    def _state_refs(self, params):
+        """The state dicts and tensors the kernel reads for ``params`` (identity compared)."""
+        state = self.state
+        refs = []
+        for p in params:
+            st = state.get(p)
+            refs.append(st)
+            if st:
+                refs.append(st.get("step"))
+                refs.append(st.get("exp_avg"))
+                refs.append(st.get("exp_avg_sq"))
+                refs.append(st.get("max_exp_avg_sq"))
+        return refs
+
+    def _build_plan(self):
+        if self.skip_if_nonfinite:
+            return None
+        groups = self._plan_groups()
+        buckets = []
+        for group, (plist, _, grads, none, amsgrad) in zip(self.param_groups, groups):
+            params = [p for p, n in zip(plist, none) if not n]
+            for bucket in self._buckets(params):
+                states = [self.state[p] for p in bucket]
+                buckets.append((group, bucket, [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states],
+                                [st["max_exp_avg_sq"] for st in states] if amsgrad else [],
+                                [st["step"] for st in states], self._roles(group)))
+        stepped = [p for b in buckets for p in b[1]]
+        return {"state": self.state, "groups": [(ids, none, amsgrad) for _, ids, _, none, amsgrad in groups],
+                "metas": [[(p.dtype, p.shape, p.device) for p in plist] for plist, *_ in groups],
+                "buckets": buckets, "stepped": stepped, "refs": self._state_refs(stepped),
+                "steps": [s for b in buckets for s in b[5]],
+                "watch": self._watch(stepped) if self.fingerprint else None}
+
+    def _planned_step(self) -> bool:
+        plan = self._plan
+        if plan is None or plan["state"] is not self.state or len(self.param_groups) != len(plan["groups"]):
+            return False
+        groups = self._plan_groups()
+        for (_, ids, _, none, amsgrad), key in zip(groups, plan["groups"]):
+            if (ids, none, amsgrad) != key:
+                return False
+        refs = self._state_refs(plan["stepped"])
+        if len(refs) != len(plan["refs"]) or not all(map(operator.is_, refs, plan["refs"])):
+            return False
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+        # gradients: checked as the full path does (dtype, shape, device, dense), against each
+        # parameter's metadata when the plan was built (so `p.data = other shape` is caught too)
+        for (_, _, grads, none, _), metas in zip(groups, plan["metas"]):
+            for g, n, (dtype, shape, device) in zip(grads, none, metas):
+                if not n and (g.dtype != dtype or g.shape != shape or g.device != device or g.is_sparse):
+                    return False  # the full path raises the error naming the parameter
+        self.last_step_skipped = False
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
+        ops = _ext.ops()
+        for group, params, exp_avgs, exp_avg_sqs, maxes, steps, roles in plan["buckets"]:
+            grads = [self._grad(p) for p in params]
+            beta1, beta2 = group["betas"]
+            rows = ops.adam_step(
+                params, grads, exp_avgs, exp_avg_sqs, maxes, ops.increment_steps(steps),
+                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), self._decoupled, bool(group["amsgrad"]), bool(group["maximize"]),
+                self.fingerprint,
+            )
+            if self.fingerprint:
+                self._pending.append((params, roles, rows))
+        if self.fingerprint:
+            self._after_fingerprinted_step(plan)
+        return True
 
     def _check_loaded_entry(self, p, key, v):
         if key == "step":
