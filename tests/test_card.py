@@ -18,8 +18,10 @@ from memstate import card as cardmod
 from memstate import report
 from memstate.card import CardError
 from memstate.experiment import Experiment
+from cli_helper import run_cli as _cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FUZZ_EXAMPLES = int(os.environ.get("MEMSTATE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -52,13 +54,6 @@ def _count(name, outcome):
 def _resign(c):
     c["card_xxh3_128"] = cardmod.checksum(c)
     return c
-
-
-def _cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "memstate"] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 # ----------------------------------------------------------------------------------------------

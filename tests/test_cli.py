@@ -2,23 +2,15 @@
 creates nothing; runs are never overwritten or mixed; help and README agree."""
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from memstate.cli import RUN_DEFAULTS, build_parser, main
+from cli_helper import run_cli as _cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SMALL = ["--t0", "4", "--horizon", "10", "--seeds", "2", "--window", "3", "--no-progress"]
-
-
-def _cli(args, cwd):
-    """memstate in a subprocess (this worktree's package): (rc, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "memstate"] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 def test_cli_run_resume_report_replay(tmp_path, capsys):

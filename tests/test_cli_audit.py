@@ -2,18 +2,11 @@
 memstate.audit's entry functions, run in fresh processes on the audit package's example script
 (a nondeterministic operation planted at step 7 with --plant 7)."""
 import os
-import subprocess
-import sys
+
+from cli_helper import run_cli as _cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "scripts", "train_tiny.py")
-
-
-def _cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "memstate"] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 def test_verify_script_pass_and_planted_divergence_then_diff(tmp_path):

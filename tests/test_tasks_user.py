@@ -3,7 +3,6 @@ import path to the CLI, TOML and Experiment; cards record the import path, optio
 hash; replay refuses a changed task file (exit 2) unless --allow-changed-task."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -12,17 +11,11 @@ import torch
 import memstate
 from memstate import tasks
 from memstate.experiment import ConfigError, Experiment
+from cli_helper import run_cli as _cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 EXAMPLE = os.path.join(ROOT, "examples", "tasks", "tiny_mlp.py")
-
-
-def _cli(args, cwd):
-    """memstate in a fresh process (this checkout's package), in ``cwd``: (rc, stdout, stderr)."""
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "memstate"] + args, cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture
