@@ -219,8 +219,6 @@ def _clear_run(out: str) -> None:
 def _prepare_run(args):
     """Configuration, experiment and output directory of ``memstate run``; every user mistake
     raises UsageError or ConfigError before anything is created."""
-    from memstate.experiment import ConfigError
-
     if args.resume:
         if args.force:
             raise UsageError("--resume continues a run and --force replaces it: give one of them")

@@ -1,6 +1,5 @@
 """memstate.integrations: Lightning and transformers callbacks record trails (skipped when the
 framework is not installed)."""
-import os
 
 import pytest
 import torch

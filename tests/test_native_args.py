@@ -7,7 +7,6 @@ any case kills the subprocess, which the test reports (with the cases that ran b
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch

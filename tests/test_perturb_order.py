@@ -5,7 +5,6 @@ epoch boundaries; policy_switch to or from wr declares that it changes coverage.
 from collections import Counter
 
 import pytest
-import torch
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 

@@ -14,7 +14,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 import torch
 
 import memstate

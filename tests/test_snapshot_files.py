@@ -4,7 +4,6 @@ manifest parser only raises SnapshotError, and loading reads straight into the a
 items 3, 4, 8, 9)."""
 import errno
 import fcntl
-import json
 import os
 import re
 import subprocess
