@@ -61,6 +61,19 @@ def _copy_pairs(state: TrainState, key: str, name: str) -> List[Tuple[torch.Tens
     return pairs
 
 
+def _copy_from_model_rule(name: str):
+    """(check_fn, apply_fn) of a primitive that sets ``extra[p["key"]] := model`` (reset_ema,
+    reset_teacher): the check runs every ``_copy_pairs`` test, the apply copies each pair."""
+    def check(state, p):
+        _copy_pairs(state, p["key"], name)
+
+    def apply(state, p, start, length):
+        for d, s in _copy_pairs(state, p["key"], name):
+            d.copy_(s)
+
+    return check, apply
+
+
 def _sampler(state: TrainState, name: str):
     s = state.sampler
     _need(s is not None, name, "needs state.sampler (a memstate.data.OrderSampler)")

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from memstate.perturb._core import PerturbationError, Primitive, REQUIRED, TrainState, windows_for_halflives
-from memstate.perturb._rules import _copy_pairs, _need, _stateful_decay
+from memstate.perturb._rules import _copy_from_model_rule, _need, _stateful_decay
 
 
 def _optimizer(state: TrainState, name: str) -> torch.optim.Optimizer:
@@ -168,13 +168,7 @@ def _scale_apply(state, p, start, length):
                 v.mul_(alpha)
 
 
-def _ema_check(state, p):
-    _copy_pairs(state, p["key"], "reset_ema")
-
-
-def _ema_apply(state, p, start, length):
-    for d, s in _copy_pairs(state, p["key"], "reset_ema"):
-        d.copy_(s)
+_ema_check, _ema_apply = _copy_from_model_rule("reset_ema")
 
 
 def _ema_declared(state, p):

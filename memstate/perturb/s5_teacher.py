@@ -6,16 +6,10 @@ from typing import Tuple
 import torch
 
 from memstate.perturb._core import Primitive, windows_for_halflives
-from memstate.perturb._rules import _copy_pairs, _need, _stateful_decay
+from memstate.perturb._rules import _copy_from_model_rule, _need, _stateful_decay
 
 
-def _teacher_check(state, p):
-    _copy_pairs(state, p["key"], "reset_teacher")
-
-
-def _teacher_apply(state, p, start, length):
-    for d, s in _copy_pairs(state, p["key"], "reset_teacher"):
-        d.copy_(s)
+_teacher_check, _teacher_apply = _copy_from_model_rule("reset_teacher")
 
 
 def _freeze_teacher_check(state, p):
