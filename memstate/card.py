@@ -135,18 +135,22 @@ def _reject_constant(name):
     raise ValueError(f"the JSON constant {name} is not allowed in a card")
 
 
-def read_card(path: str, allow_changed_task: bool = False) -> dict:
-    """Reads, checks the checksum of, and validates a card (``CardError`` otherwise;
-    ``TaskChangedError`` if its user task's source file changed, unless ``allow_changed_task``)."""
+def read_card(path: str, allow_changed_task: bool = False, import_task: bool = False) -> dict:
+    """Reads, checks the checksum of, and validates a card (``CardError`` otherwise).
+
+    Reading a card never runs code it names: a user task (``"pkg.mod:Class"``) is not imported
+    unless ``import_task`` (then its configuration is derived from the imported task and
+    compared too, and ``TaskChangedError`` is raised if its source file changed, unless
+    ``allow_changed_task``). ``replay`` always imports and checks."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise CardError(f"{path}: cannot read ({e.strerror or e})") from None
-    return loads_card(raw, path, allow_changed_task)
+    return loads_card(raw, path, allow_changed_task, import_task)
 
 
-def loads_card(raw: bytes, where: str = "card", allow_changed_task: bool = False) -> dict:
+def loads_card(raw: bytes, where: str = "card", allow_changed_task: bool = False, import_task: bool = False) -> dict:
     """``read_card`` for bytes already in memory."""
     if len(raw) > MAX_BYTES:
         raise CardError(f"{where}: larger than {MAX_BYTES} bytes, not a card")
@@ -160,7 +164,7 @@ def loads_card(raw: bytes, where: str = "card", allow_changed_task: bool = False
         raise CardError(f"{where}: JSON nested too deeply") from None
     except ValueError as e:
         raise CardError(f"{where}: malformed JSON ({e})") from None
-    return validate_card(card, where, allow_changed_task)
+    return validate_card(card, where, allow_changed_task, import_task)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,9 +262,11 @@ SEED_KEYS = ("seed", "config_hash", "window", "windows", "probe_points", "order_
              "contract_violations")
 
 
-def validate_card(card: Any, where: str = "card", allow_changed_task: bool = False) -> dict:
+def validate_card(card: Any, where: str = "card", allow_changed_task: bool = False,
+                  import_task: bool = False) -> dict:
     """Checks a parsed card: format, version, checksum, then every key and type that memstate
-    reads (``CardError`` naming the first problem). Returns the card."""
+    reads (``CardError`` naming the first problem). Returns the card. A user task is imported
+    only with ``import_task`` (see ``read_card``)."""
     v = _V(where)
     if not isinstance(card, dict) or card.get("card_format") != CARD_FORMAT:
         raise CardError(f"{where}: not a {CARD_FORMAT} file")
@@ -273,7 +279,7 @@ def validate_card(card: Any, where: str = "card", allow_changed_task: bool = Fal
         raise CardError(f"{where}: card checksum mismatch (the card was modified after it was written)")
     v.str_(card["created"], "created")
     v.obj(card["environment"], "environment")
-    exp = _validate_config(v, card["config"], allow_changed_task)
+    exp = _validate_config(v, card["config"], allow_changed_task, import_task)
     _validate_seeds(v, card["seeds"], exp)
     _validate_results(v, card["results"], exp)
     return card
@@ -288,34 +294,83 @@ class TaskChangedError(CardError):
     """The source file of the card's user task differs from the one the card was made with."""
 
 
-def _validate_config(v: _V, c, allow_changed_task: bool = False):
+def is_user_task(config: dict) -> bool:
+    """Whether a card's configuration names a user task by import path (``"pkg.mod:Class"``)."""
+    return isinstance(config.get("task"), str) and ":" in config["task"]
+
+
+def _validate_config(v: _V, c, allow_changed_task: bool = False, import_task: bool = False):
     from memstate.experiment import ConfigError
 
     v.obj(c, "config", CONFIG_KEYS)
     try:
-        exp = experiment_from_card({"config": c})
+        if is_user_task(c) and not import_task:
+            exp = _experiment_without_import(v, c)
+        elif not import_task and isinstance(c["device"], str) and c["device"].startswith("cuda") \
+                and not torch.cuda.is_available():  # reading a CUDA card needs no GPU
+            exp = experiment_from_card({"config": dict(c, device="cpu")}, where=v.where)
+            exp.device = c["device"]
+        else:
+            exp = experiment_from_card({"config": c}, allow_changed_task=allow_changed_task, where=v.where)
     except ConfigError as e:
         v.fail("config", str(e))
     except (TypeError, ValueError, KeyError) as e:  # a value of a type the constructor never expects
+        if isinstance(e, CardError):
+            raise
         v.fail("config", f"invalid ({type(e).__name__}: {e})")
-    derived = exp.config()
-    from memstate.tasks import task_source
+    _compare_config(v.where, c, exp)
+    return exp
 
-    recorded_src, src = c["task_source"], task_source(exp.task)
-    if isinstance(src, dict):
-        src.pop("file")
-        derived["task_source"] = src
-    if isinstance(recorded_src, dict) and isinstance(src, dict) and recorded_src.get("xxh3") != src.get("xxh3") \
-            and {k: x for k, x in recorded_src.items() if k != "xxh3"} == {k: x for k, x in src.items() if k != "xxh3"}:
-        if not allow_changed_task:
-            raise TaskChangedError(
-                f"{v.where}: the task's source file {exp.task_file} has changed since the card was written "
-                f"(xxh3 {recorded_src.get('xxh3')} recorded, {src.get('xxh3')} now)")
-        derived["task_source"] = recorded_src
+
+def _compare_config(where: str, c: dict, exp) -> None:
+    """Every configuration key the card records equals what its configuration gives (CardError
+    naming the first that does not)."""
+    derived = exp.config()
     for key in CONFIG_KEYS:
         if _canonical(derived[key]) != _canonical(c[key]):
-            v.fail(f"config.{key}", f"{c[key]!r} does not match what this configuration gives "
-                                    f"({derived[key]!r})"[:300])
+            raise CardError(f"{where}: config.{key}: " + f"{c[key]!r} does not match what this configuration "
+                            f"gives ({derived[key]!r})"[:300])
+
+
+def _experiment_without_import(v: _V, c: dict):
+    """The Experiment of a user-task card built WITHOUT importing the task's module: reading,
+    validating or reporting a card never runs code the card names. The task's name, options,
+    source identity, metrics and their directions are taken from the card (only ``replay``,
+    which runs the task, imports it and checks them)."""
+    from memstate.experiment import Experiment
+    from memstate.tasks import Task
+
+    v.strs(c["metrics"], "config.metrics")
+    metrics, hib = c["metrics"], c["higher_is_better"]
+    v.obj(hib, "config.higher_is_better", metrics)
+    if not all(isinstance(x, bool) for x in hib.values()):
+        v.fail("config.higher_is_better", "expected true or false per metric")
+    v.obj(c["task_options"], "config.task_options")
+    if c["task_source"] is not None:
+        v.obj(c["task_source"], "config.task_source")
+
+    class RecordedTask(Task):
+        """A user task known only from a card: it declares the recorded metrics and options,
+        and refuses to train."""
+
+        def __init__(self):
+            self.options = dict(c["task_options"])
+            self.name = c["task"]
+            self.metrics, self.higher_is_better = tuple(metrics), dict(hib)
+
+        def build(self, seed, *, device="cpu", name=None):
+            raise RuntimeError(f"task {c['task']!r} was not imported (cards are read without running the code "
+                               f"they name); memstate.card.replay imports it")
+
+    exp = Experiment(RecordedTask(), c["perturbation"], t0=c["t0"], window=c["window"], horizon=c["horizon"],
+                     seeds=c["seeds"], metrics=c["metrics"], aa_check=c["aa_check"],
+                     perturbation_params=c["perturbation_params"], task_options=c["task_options"],
+                     device="cpu", threads=c["threads"], estimand=c["estimand"],
+                     probe_every=c["probe_every"], baseline=c["baseline"])
+    exp.task_spec, exp.task_source, exp.task_file = c["task"], c["task_source"], None
+    if not isinstance(c["device"], str) or not (c["device"] == "cpu" or c["device"].startswith("cuda")):
+        v.fail("config.device", f"expected 'cpu' or 'cuda[:N]', got {c['device']!r}")
+    exp.device = c["device"]  # a report of a CUDA card needs no GPU
     return exp
 
 
@@ -425,11 +480,15 @@ def _validate_results(v: _V, res, exp) -> None:
 # replay
 
 
-def experiment_from_card(card: dict, progress: bool = False):
-    """The card's Experiment. A user task is imported by its recorded import path; its
-    recorded source identity is kept (the card was validated, so a changed source file was
-    either refused or allowed with ``allow_changed_task``), so seed records keep the card's
-    config hash and every recorded value is compared."""
+def experiment_from_card(card: dict, progress: bool = False, allow_changed_task: bool = False,
+                         where: str = "card"):
+    """The card's Experiment. A user task is IMPORTED by its recorded import path (this runs
+    the module's code: only ``replay`` and ``validate_card(import_task=True)`` call this for a
+    user-task card). Its source identity is then checked against the card's: a different
+    import path or options is a ``CardError``; a changed source file (xxh3) is a
+    ``TaskChangedError`` unless ``allow_changed_task``, in which case the card's identity is
+    kept so that seed records keep the card's config hash and every recorded value is
+    compared."""
     from memstate.experiment import Experiment
 
     c = card["config"]
@@ -438,8 +497,18 @@ def experiment_from_card(card: dict, progress: bool = False):
                      perturbation_params=c["perturbation_params"], task_options=c["task_options"],
                      device=c["device"], threads=c["threads"], estimand=c["estimand"],
                      probe_every=c["probe_every"], baseline=c["baseline"], progress=progress)
-    if isinstance(c.get("task_source"), dict) and isinstance(exp.task_source, dict):
-        exp.task_source = c["task_source"]
+    recorded, fresh = c.get("task_source"), exp.task_source
+    if isinstance(recorded, dict) and isinstance(fresh, dict) and recorded != fresh:
+        same_but_hash = {k: x for k, x in recorded.items() if k != "xxh3"} == \
+            {k: x for k, x in fresh.items() if k != "xxh3"}
+        if not same_but_hash:
+            raise CardError(f"{where}: config.task_source: {recorded!r} does not match the imported task "
+                            f"({fresh!r})"[:300])
+        if not allow_changed_task:
+            raise TaskChangedError(
+                f"{where}: the task's source file {exp.task_file} has changed since the card was written "
+                f"(xxh3 {recorded.get('xxh3')} recorded, {fresh.get('xxh3')} now)")
+        exp.task_source = recorded
     return exp
 
 
@@ -529,15 +598,22 @@ def _differing(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = None) -> Optional[str]:
+def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = None,
+           allow_changed_task: bool = False) -> Optional[str]:
     """Re-runs the card's experiment and returns the first mismatch, or None if everything the
     card records matched: every seed record (fingerprints, losses, probe metrics, divergence,
     disagreement, hashes), then the statistics recomputed from the replayed records against
     the card's ``results``. ``seeds``: replay only these (the statistics check, which needs
-    every seed, is then skipped; the CLI says so)."""
+    every seed, is then skipped; the CLI says so).
+
+    A user task is imported here (replaying runs the card's code, like running a training
+    script) and the card's configuration is checked against it before anything trains:
+    ``TaskChangedError`` if its source file changed (unless ``allow_changed_task``),
+    ``CardError`` if the task gives a different configuration."""
     from memstate.experiment import ExperimentResult
 
-    exp = experiment_from_card(card, progress=progress)
+    exp = experiment_from_card(card, progress=progress, allow_changed_task=allow_changed_task)
+    _compare_config("card", card["config"], exp)
     recorded = {r["seed"]: r for r in card["seeds"]}
     chosen = list(exp.seeds) if seeds is None else list(seeds)
     for s in chosen:

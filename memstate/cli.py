@@ -312,24 +312,27 @@ def _parse_seeds(text: str) -> List[int]:
 
 
 def cmd_replay(args) -> int:
-    from memstate.card import CardError, TaskChangedError, read_card, replay
+    from memstate.card import CardError, TaskChangedError, is_user_task, read_card, replay, validate_card
 
     try:
-        try:
-            card = read_card(args.card)
-        except TaskChangedError as e:
-            if not args.allow_changed_task:
-                raise UsageError(f"{e}; refusing to replay (--allow-changed-task replays it anyway)") from None
-            print(f"memstate replay: NOTE: {e}; replaying anyway because of --allow-changed-task")
-            card = read_card(args.card, allow_changed_task=True)
+        card = read_card(args.card)  # imports nothing
         seeds = _parse_seeds(args.seeds) if args.seeds else None
         missing = [s for s in seeds or () if s not in card["config"]["seeds"]]
         if missing:
             raise UsageError(f"seed(s) {missing} are not in the card (its seeds: {card['config']['seeds']})")
+        if is_user_task(card["config"]):
+            print(f"memstate replay: importing the card's task {card['config']['task']} (replaying runs its code)")
+        try:  # now import the task and check the card's configuration against it
+            validate_card(card, args.card, import_task=True)
+        except TaskChangedError as e:
+            if not args.allow_changed_task:
+                raise UsageError(f"{e}; refusing to replay (--allow-changed-task replays it anyway)") from None
+            print(f"memstate replay: NOTE: {e}; replaying anyway because of --allow-changed-task")
+            validate_card(card, args.card, allow_changed_task=True, import_task=True)
     except (CardError, UsageError) as e:
         print(f"memstate replay: {e}", file=sys.stderr)
         return 2
-    problem = replay(card, progress=not args.no_progress, seeds=seeds)
+    problem = replay(card, progress=not args.no_progress, seeds=seeds, allow_changed_task=args.allow_changed_task)
     if problem:
         print(f"memstate replay: FAIL: {problem}")
         return 1
@@ -350,7 +353,7 @@ def cmd_report(args) -> int:
     from memstate.report import write_report
 
     try:
-        card = read_card(args.card, allow_changed_task=True)  # a report re-runs nothing
+        card = read_card(args.card)  # a report re-runs nothing and imports nothing the card names
     except CardError as e:
         print(f"memstate report: {e}", file=sys.stderr)
         return 2

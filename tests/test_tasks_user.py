@@ -131,6 +131,89 @@ def test_card_of_a_task_object_replays(task_dir):
     card = make_card(exp.run())
     import json
 
-    card = loads_card(json.dumps(card).encode())  # validates: imports the task, checks the source hash
+    card = loads_card(json.dumps(card).encode(), import_task=True)  # imports the task, checks the source hash
     assert card["config"]["task"] == "tiny_mlp:TinyMLP" and card["config"]["task_options"]["hidden"] == 4
     assert replay(card) is None
+
+
+# reading a card never runs the code it names
+
+
+def _card_naming(module_text, task_dir):
+    """A real card of the tiny task, then re-pointed (checksum recomputed, as anyone can) at a
+    module ``planted`` whose import writes a marker file."""
+    import json
+
+    from memstate.card import checksum, make_card
+
+    TinyMLP = tasks.import_task_class("tiny_mlp:TinyMLP")
+    card = make_card(Experiment(TinyMLP(hidden=4), "reset_momentum", t0=2, horizon=6, seeds=2, window=2).run())
+    (task_dir / "planted.py").write_text(module_text)
+    card["config"]["task"] = "planted:TinyMLP"
+    card["config"]["task_source"]["import_path"] = "planted:TinyMLP"
+    card["card_xxh3_128"] = checksum(card)
+    path = task_dir / "card.json"
+    path.write_text(json.dumps(card))
+    return card, path
+
+
+PLANTED = "open('IMPORTED', 'w').write('the card ran me')\nfrom tiny_mlp import TinyMLP\n"
+
+
+def test_reading_and_reporting_a_card_imports_nothing(task_dir):
+    """The defect: validating a card constructed its Experiment, which imported the module the
+    card names, so `memstate report` (or read_card) of a card someone sent ran their code."""
+    from memstate.card import read_card
+
+    card, path = _card_naming(PLANTED, task_dir)
+    got = read_card(str(path))
+    assert got["config"]["task"] == "planted:TinyMLP"
+    assert "planted" not in sys.modules and not (task_dir / "IMPORTED").exists()
+    rc, out, err = _cli(["report", "card.json", "--out", "rep.html"], task_dir)
+    assert rc == 0, err
+    assert (task_dir / "rep.html").exists() and not (task_dir / "IMPORTED").exists()
+    # replay does run it (that is what replaying means), and says so first
+    rc, out, err = _cli(["replay", "card.json", "--no-progress", "--seeds", "0"], task_dir)
+    assert "importing the card's task planted:TinyMLP" in out
+    assert (task_dir / "IMPORTED").exists()
+    sys.modules.pop("planted", None)
+
+
+def test_replay_checks_the_config_against_the_imported_task(task_dir):
+    """Without importing, read_card takes the task's metric directions from the card; replay
+    must then check them against the task before training (a flipped higher_is_better would
+    otherwise flip the report's reading of every effect)."""
+    import json
+
+    from memstate.card import CardError, checksum, make_card, read_card, replay
+
+    TinyMLP = tasks.import_task_class("tiny_mlp:TinyMLP")
+    card = make_card(Experiment(TinyMLP(hidden=4), "reset_momentum", t0=2, horizon=6, seeds=2, window=2).run())
+    path = task_dir / "card.json"
+    m = card["config"]["metrics"][0]
+    card["config"]["higher_is_better"][m] = not card["config"]["higher_is_better"][m]
+    card["card_xxh3_128"] = checksum(card)
+    path.write_text(json.dumps(card))
+    card = read_card(str(path))  # cannot tell without importing the task
+    with pytest.raises(CardError, match="config.higher_is_better"):
+        replay(card)
+    with pytest.raises(CardError, match="config.higher_is_better"):
+        read_card(str(path), import_task=True)
+    rc, out, err = _cli(["replay", "card.json", "--no-progress"], task_dir)
+    assert rc == 2 and "config.higher_is_better" in err
+
+
+def test_replay_api_refuses_a_changed_task_file(task_dir):
+    """The source-hash check lives where the import happens (replay), so a card read without
+    importing cannot skip it."""
+    from memstate.card import TaskChangedError, make_card, replay, validate_card
+
+    TinyMLP = tasks.import_task_class("tiny_mlp:TinyMLP")
+    card = make_card(Experiment(TinyMLP(hidden=4), "reset_momentum", t0=2, horizon=6, seeds=2, window=2).run())
+    validate_card(card)
+    with open(task_dir / "tiny_mlp.py", "a") as f:
+        f.write("\n# changed\n")
+    validate_card(card)  # reading imports nothing, so it cannot tell
+    with pytest.raises(TaskChangedError, match="has changed since the card was written"):
+        replay(card, seeds=[0])
+    assert replay(card, seeds=[0], allow_changed_task=True) is None
