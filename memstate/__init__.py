@@ -18,6 +18,7 @@ from memstate.fingerprint import (
     fingerprint_state,
 )
 from memstate.snapshot import Snapshot, SnapshotError
+from memstate.clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from memstate import data, perturb, rng, stats
 from memstate.perturb import beta_for_halflife, halflife
 from memstate.experiment import Experiment, ExperimentResult
@@ -39,6 +40,9 @@ __all__ = [
     "fingerprint_state",
     "Snapshot",
     "SnapshotError",
+    "clip_grad_norm_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
     "data",
     "rng",
     "perturb",

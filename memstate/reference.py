@@ -1,4 +1,5 @@
-"""Pure numpy reference of the msfp1 fingerprint (docs/fingerprint.md).
+"""Pure numpy references of the msfp1 fingerprint (docs/fingerprint.md) and of the
+deterministic norm sums (docs/optim.md).
 
 Written straight from the spec, with no shared code with the native kernels, so that tests
 comparing the two check the spec rather than one implementation against itself. Vectorised
@@ -79,3 +80,47 @@ def fingerprint_hex(t) -> str:
     """msfp1 as 32 lowercase hex digits: F_0 then F_1."""
     f0, f1 = fingerprint_lanes(t)
     return f"{f0:016x}{f1:016x}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic norm sums (docs/optim.md "Deterministic gradient norms"), from the spec.
+
+
+def _tree_np(v: np.ndarray, p: float) -> float:
+    """The strided pairwise tree over a float64 vector: v[i] (+) v[i + s] for i a multiple of 2s."""
+    v = np.array(v, dtype=np.float64)
+    n, s = v.shape[0], 1
+    while s < n:
+        i = np.arange(0, n - s, 2 * s)
+        a, b = v[i], v[i + s]
+        v[i] = np.maximum(a, b) if np.isinf(p) else a + b  # np.maximum propagates NaN
+        s *= 2
+    return float(v[0]) if n else 0.0
+
+
+def norm_sums(arrays, p: float = 2.0) -> np.ndarray:
+    """float64 [N + 1]: per array the sum of |x|^p (max |x| for inf) by the leaf / lane / tree
+    order of the spec, then the tree over the N values. ``arrays``: numpy arrays or tensors
+    (float32/float64/bfloat16/float16; bfloat16 tensors are widened exactly)."""
+    out = []
+    for a in arrays:
+        if hasattr(a, "detach"):  # a torch tensor: widen exactly to float64
+            a = a.detach().to("cpu").double().contiguous().numpy()
+        x = np.asarray(a, dtype=np.float64).reshape(-1)
+        nleaves = -(-x.shape[0] // 1024)
+        leaves = np.zeros(nleaves * 1024, dtype=np.float64)
+        leaves[: x.shape[0]] = x
+        m = np.abs(leaves)
+        terms = leaves * leaves if p == 2.0 else m if (p == 1.0 or np.isinf(p)) else np.power(m, p)
+        terms = terms.reshape(nleaves, 32, 32)  # [leaf, k, lane j]: element k*32 + j
+        lane = np.zeros((nleaves, 32), dtype=np.float64)
+        for k in range(32):  # lane j adds k = 0..31 in order
+            t = terms[:, k, :]
+            lane = np.maximum(lane, t) if np.isinf(p) else lane + t
+        s = 16
+        while s >= 1:  # halving fold
+            a_, b_ = lane[:, :s], lane[:, s:2 * s]
+            lane[:, :s] = np.maximum(a_, b_) if np.isinf(p) else a_ + b_
+            s //= 2
+        out.append(_tree_np(lane[:, 0], p))
+    return np.array(out + [_tree_np(np.array(out, dtype=np.float64), p)], dtype=np.float64)

@@ -92,6 +92,26 @@ constexpr int64_t kNonfiniteChunkBytes = 64 * 1024;
 void launch_nonfinite_any(const NonfiniteTask* tasks, const OptimChunk* chunks, int64_t nchunks,
                           int* flag, cudaStream_t stream);
 
+// ---- Deterministic norm sums (norm_kernels.cu; the tree is defined in memstate/norm_math.h).
+
+// One tensor of norm_sums: `numel` contiguous elements of storage `dtype` (0 float32, 1 float64,
+// 2 bfloat16, 3 float16) whose leaves are leaves[leaf_begin .. leaf_begin + leaf_count).
+struct NormTask {
+  const void* data;
+  int64_t numel;
+  int64_t leaf_begin;
+  int64_t leaf_count;
+  int32_t dtype;
+  int32_t reserved;
+};
+
+// out[t] := the tree over task t's leaves, for t < ntasks, then out[ntasks] := the tree over
+// out[0 .. ntasks). `leaves` (nleaves doubles) and `scratch` (ntasks doubles) are device
+// scratch buffers; `chunks` maps leaf g to (task, leaf index in the task). `kind` and `p` as
+// in norm_math.h. Results are independent of the launch configuration; no host sync.
+void launch_norm_sums(const NormTask* tasks, int64_t ntasks, const OptimChunk* chunks, int64_t nleaves,
+                      int kind, double p, double* leaves, double* scratch, double* out, cudaStream_t stream);
+
 // Last CUDA error as text, or nullptr when there was none (clears it).
 const char* last_error();
 
