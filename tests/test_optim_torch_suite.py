@@ -15,7 +15,6 @@ Documented exceptions (docs/optim.md, "torch.optim compatibility"): ``differenti
 arguments).
 """
 import copy
-import functools
 import io
 import pickle
 import re
