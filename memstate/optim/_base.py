@@ -287,7 +287,7 @@ class FusedOptimizer(Optimizer):
         """p's dense gradient in the layout of p's state (``_state_like``), so that one flat
         view pairs the same logical elements of every role."""
         g = p.grad
-        if _is_dense(p):
+        if not p.is_contiguous() and _is_dense(p):
             return g if _same_layout(g, p) else _state_like(p).copy_(g)
         return g if g.is_contiguous() else g.contiguous()
 
@@ -316,6 +316,8 @@ class FusedOptimizer(Optimizer):
     def _run_kernel(self, op, bucket: List[torch.Tensor], roles: List[List[torch.Tensor]], *args) -> torch.Tensor:
         """``op(*views of roles, *args)`` on the kernel views of ``roles`` (lists of p, grad and
         state tensors of ``bucket``, in the op's order), then ``_KernelViews.finish``."""
+        if all(map(_plain, bucket)):  # the common case: every role is contiguous and real already
+            return op(*roles, *args)
         views = _KernelViews()
         rows = op(*[[views(t) for t in ts] for ts in roles], *args)
         views.finish(bucket, [ts for ts in roles if len(ts) == len(bucket)] if self.fingerprint else [],
