@@ -270,3 +270,30 @@ def test_sparse_gradient_cases_torch_cannot_step_are_refused_first(hp):
     with pytest.raises(RuntimeError, match=r"sparse gradient.*param_groups\[0\]\['params'\]\[1\]|parameter 1.*sparse"):
         opt.step()
     assert torch.equal(before[0], dense.detach()) and torch.equal(before[1], emb_w.detach())
+
+
+# ------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(MS))
+def test_cuda_layouts_equal_cpu_bitwise(name):
+    """channels_last, complex and strided parameters: CUDA steps and fingerprints equal the CPU's."""
+    gen = torch.Generator().manual_seed(13)
+    init = [torch.randn(8, 3, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last),
+            torch.randn(6, 4, generator=gen, dtype=torch.complex64),
+            torch.randn(6, 5, 2, generator=gen)[..., 0]]
+    grads = [[torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in init] for _ in range(4)]
+    runs = []
+    for device in ("cpu", "cuda"):
+        ps = [Parameter(t.to(device)) for t in init]  # .to keeps channels_last; the slice becomes contiguous on cuda
+        if device == "cuda":
+            ps[2] = Parameter(init[2].to(device).new_empty((6, 5, 2))[..., 0].copy_(init[2].to(device)))
+        opt = MS[name](ps, fingerprint=True, **HP[name])
+        fps = []
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.to(device)
+            opt.step()
+            fps.append([opt.fingerprints(p) for p in ps])
+        runs.append(([p.detach().cpu() for p in ps], fps))
+    _assert_same_bits(runs[0][0], runs[1][0], "cpu vs cuda")
+    assert runs[0][1] == runs[1][1]
