@@ -249,14 +249,14 @@ def test_param_groups_defaults_and_add_param_group_match_torch():
         ot = torch_opt(name, [{"params": pt[:2]}, {"params": pt[2:4], "lr": base["lr"] * 2}], **base)
         for gm, gt in zip(om.param_groups, ot.param_groups):
             for k, v in gm.items():
-                if k != "params":
+                if k not in ("params", "foreach"):  # the torch reference is built with foreach=False
                     assert v == gt[k], (name, k)
         for step, g in enumerate(grads):
             if step == 10:
                 om.add_param_group({"params": pm[4:], **extra})
                 ot.add_param_group({"params": pt[4:], **extra})
                 gm, gt = om.param_groups[2], ot.param_groups[2]
-                for k in gm.keys() & gt.keys() - {"params"}:
+                for k in gm.keys() & gt.keys() - {"params", "foreach"}:
                     assert gm[k] == gt[k], (name, k)  # defaults filled in as torch does
             set_grads(pm, g)  # parameters outside every group are not touched
             set_grads(pt, g)
@@ -1005,7 +1005,7 @@ def test_state_fingerprint_digest_matches_fingerprint_state_for_state_entries():
 
 # ----------------------------------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])  # SGD steps sparse gradients: test_optim_layouts.py
 def test_sparse_gradient_raises_naming_the_parameter(name):
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 4)
@@ -1046,19 +1046,7 @@ def test_noncontiguous_gradients_are_read_in_logical_order(name):
             assert ob.fingerprints(b)["grad"] == memstate.fingerprint(b.grad) == oa.fingerprints(a)["grad"]
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
-def test_noncontiguous_parameter_raises_value_error_naming_it(name):
-    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
-    lin = torch.nn.Linear(4, 4)
-    assert not conv.weight.is_contiguous()
-    opt = MS[name]([*lin.parameters(), conv.weight], lr=0.1)
-    for p in opt.param_groups[0]["params"]:
-        p.grad = torch.ones_like(p)
-    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
-    with pytest.raises(ValueError, match="contiguous") as ei:
-        opt.step()
-    assert "param_groups[0]['params'][2]" in str(ei.value) or "parameter 2" in str(ei.value), str(ei.value)
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, opt.param_groups[0]["params"]))
+# Non-contiguous parameters (channels_last, slices) are stepped since issue 11: tests/test_optim_layouts.py.
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)

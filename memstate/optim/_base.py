@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -12,7 +13,124 @@ from memstate.fingerprint import Fingerprint, StateFingerprint
 
 _M64 = (1 << 64) - 1
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
-_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
+# follow-up for capturable=True (device-side step counters and lr, CUDA graph capture)
+_CAPTURABLE_FOLLOW_UP = "issue 11 item 5"
+
+
+def _scalar_dtype() -> torch.dtype:
+    """dtype of Adam's step counter, as torch.optim: float64 under torch.set_default_dtype(float64),
+    float32 otherwise."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _check_lr(lr) -> None:
+    """torch.optim's learning-rate checks and messages (ValueError); a tensor lr must have one element."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def _check_impl_flags(name: str, *, foreach, fused, differentiable, capturable=False) -> None:
+    """torch.optim's implementation flags at construction. ``foreach`` and ``fused`` are accepted
+    (and kept in the param groups) but change nothing: memstate's step is always one fused native
+    pass. ``differentiable=True`` and ``capturable=True`` raise NotImplementedError."""
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if fused and differentiable:
+        raise RuntimeError("`fused` does not support `differentiable`")
+    _refuse_flags(name, {"differentiable": differentiable, "capturable": capturable}, NotImplementedError)
+
+
+def _refuse_flags(name: str, group, exc) -> None:
+    """Raises ``exc`` for a flag memstate cannot honour (never silently steps another algorithm)."""
+    if group.get("differentiable", False):
+        raise exc(f"memstate.optim.{name} does not support differentiable=True: the fused native step is "
+                  f"not differentiable through autograd; use torch.optim.{name}(differentiable=True)")
+    if group.get("capturable", False):
+        raise exc(f"memstate.optim.{name}: capturable=True is not implemented yet ({_CAPTURABLE_FOLLOW_UP}: "
+                  f"step counters and lr on the device for CUDA graph capture); the update math is the same "
+                  f"with capturable=False")
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one gap-free block of memory (contiguous in some dimension
+    order, e.g. channels_last): then a flat view of that block visits every element once."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides wherever a dimension has more than one element."""
+    return a.shape == b.shape and all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
+def _state_like(p: torch.Tensor, fill: Optional[float] = None) -> torch.Tensor:
+    """A state buffer for ``p`` in torch.optim's layout (``memory_format=torch.preserve_format``:
+    p's strides when p is dense, e.g. channels_last; row-major otherwise)."""
+    t = torch.empty_like(p, memory_format=torch.preserve_format)
+    return t if fill is None else t.fill_(fill)
+
+
+def _state_layout_ok(p: torch.Tensor, t: torch.Tensor) -> bool:
+    return _same_layout(t, p) if _is_dense(p) else t.is_contiguous()
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """``torch.view_as_real(t)`` for complex ``t`` (same bytes), ``t`` otherwise."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _plain(p: torch.Tensor) -> bool:
+    """A real, contiguous parameter: the kernel takes it and its tensors as they are."""
+    return not p.is_complex() and p.is_contiguous()
+
+
+class _KernelViews:
+    """The tensors one native call takes for a bucket: each parameter, gradient and state tensor
+    as a contiguous real tensor over the same memory where possible.
+
+    - complex: ``torch.view_as_real`` (as torch.optim; the bytes, hence the fingerprints, are
+      the complex tensor's);
+    - dense but not row-major (channels_last, permuted): a flat view of its memory block, so the
+      update runs in memory order. The kernel's in-pass fingerprints then hash memory order, so
+      ``finish`` replaces them by msfp1 of the logical row-major bytes, computed after the pass
+      (an extra read of those tensors);
+    - other strided parameters (e.g. a column slice): a row-major copy, updated and copied back.
+    """
+
+    def __init__(self):
+        self.staged: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        r = _real(t)
+        if r.is_contiguous():
+            return r
+        if _is_dense(r):
+            return r.as_strided((r.numel(),), (1,))
+        c = r.contiguous()
+        self.staged.append((r, c))
+        return c
+
+    def finish(self, bucket: List[torch.Tensor], role_tensors: List[List[torch.Tensor]],
+               rows: Optional[torch.Tensor]) -> None:
+        """Copies staged parameters back; fixes the fingerprints of memory-order views.
+        ``role_tensors[r][i]``: the original tensor of role r of bucket[i]."""
+        for dst, src in self.staged:
+            dst.copy_(src)
+        if rows is None or rows.numel() == 0:
+            return
+        for i, p in enumerate(bucket):
+            r = _real(p)
+            if not r.is_contiguous() and _is_dense(r):
+                rows[i] = _ext.ops().fingerprint([_real(ts[i]).contiguous() for ts in role_tensors])
 
 
 def _to_host(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -72,6 +190,9 @@ class FusedOptimizer(Optimizer):
     warns about it at construction) is updated once per listing, in order, as torch.optim's
     for-loop implementation does: each fused pass holds a parameter at most once, so nothing
     races. Steps refuse to run under CUDA graph capture (no ``capturable`` mode yet).
+
+    Complex and non-contiguous parameters are stepped through ``_KernelViews``; sparse
+    gradients only where a subclass implements ``_step_sparse`` (SGD).
     """
 
     _name = "FusedOptimizer"
@@ -122,12 +243,14 @@ class FusedOptimizer(Optimizer):
                 index += 1
         return f"parameter of shape {tuple(p.shape)}"
 
+    _supports_sparse_grad = False
+
     def _params_with_grad(self, group) -> List[torch.Tensor]:
         out = []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
+            if p.grad.is_sparse and not self._supports_sparse_grad:
                 raise RuntimeError(
                     f"memstate.optim.{self._name} does not support sparse gradients "
                     f"({self._param_label(p)}); use torch.optim.SparseAdam or dense gradients"
@@ -135,13 +258,11 @@ class FusedOptimizer(Optimizer):
             if p.dtype not in _SUPPORTED_DTYPES:
                 raise TypeError(
                     f"memstate.optim.{self._name}: {self._param_label(p)} has dtype {p.dtype}; "
-                    f"supported: float32, float64, bfloat16, float16"
+                    f"supported: float32, float64, bfloat16, float16, complex64, complex128"
                 )
-            if not p.is_contiguous():
-                raise ValueError(
-                    f"memstate.optim.{self._name}: {self._param_label(p)} is not contiguous; "
-                    f"the fused step updates parameters in place in row-major order"
-                )
+            if p.layout != torch.strided:
+                raise ValueError(f"memstate.optim.{self._name}: {self._param_label(p)} is a {p.layout} "
+                                 f"tensor; parameters must be dense (strided)")
             out.append(p)
         return out
 
@@ -163,7 +284,11 @@ class FusedOptimizer(Optimizer):
 
     @staticmethod
     def _grad(p: torch.Tensor) -> torch.Tensor:
+        """p's dense gradient in the layout of p's state (``_state_like``), so that one flat
+        view pairs the same logical elements of every role."""
         g = p.grad
+        if not p.is_contiguous() and _is_dense(p):
+            return g if _same_layout(g, p) else _state_like(p).copy_(g)
         return g if g.is_contiguous() else g.contiguous()
 
     def _any_nonfinite(self, groups_params: List[List[torch.Tensor]]) -> bool:
@@ -171,7 +296,8 @@ class FusedOptimizer(Optimizer):
         by_device: Dict[torch.device, Dict[int, torch.Tensor]] = {}
         for params in groups_params:
             for p in params:
-                by_device.setdefault(p.device, {})[id(p)] = self._grad(p)
+                g = p.grad.coalesce().values() if p.grad.is_sparse else self._grad(p)
+                by_device.setdefault(p.device, {})[id(p)] = _KernelViews()(g)
         # one scan per device (no host sync), then one host fetch of all flags
         flags = [ops.nonfinite_any(list(grads.values())) for grads in by_device.values()]
         return any(bool(f) for f in _to_host(flags))
@@ -183,6 +309,21 @@ class FusedOptimizer(Optimizer):
     def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
         raise NotImplementedError
 
+    def _step_sparse(self, group, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """Steps one parameter whose gradient is sparse (only where ``_supports_sparse_grad``)."""
+        raise NotImplementedError
+
+    def _run_kernel(self, op, bucket: List[torch.Tensor], roles: List[List[torch.Tensor]], *args) -> torch.Tensor:
+        """``op(*views of roles, *args)`` on the kernel views of ``roles`` (lists of p, grad and
+        state tensors of ``bucket``, in the op's order), then ``_KernelViews.finish``."""
+        if all(map(_plain, bucket)):  # the common case: every role is contiguous and real already
+            return op(*roles, *args)
+        views = _KernelViews()
+        rows = op(*[[views(t) for t in ts] for ts in roles], *args)
+        views.finish(bucket, [ts for ts in roles if len(ts) == len(bucket)] if self.fingerprint else [],
+                     rows if self.fingerprint else None)
+        return rows
+
     def _roles(self, group) -> Tuple[str, ...]:
         """Names of the kernel's roles for this group: param, grad, then state keys used."""
         raise NotImplementedError
@@ -192,25 +333,27 @@ class FusedOptimizer(Optimizer):
         invalid. Subclasses implement it; run for every group before any step touches state."""
 
     def _check_group(self, gi: int, group) -> None:
-        """``_check_hparams`` with the group named in the error."""
+        """``_check_hparams`` and the flags memstate cannot honour, with the group named in the error."""
         try:
+            _refuse_flags(self._name, group, ValueError)
             self._check_hparams(group)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"memstate.optim.{self._name}: param_groups[{gi}]: {e}") from None
 
     def _check_state_tensor(self, p: torch.Tensor, key: str, t) -> None:
-        """State tensor ``key`` of ``p`` must be what the kernel takes: a contiguous tensor of
-        p's shape, dtype and device. Raises ValueError naming the parameter and key."""
+        """State tensor ``key`` of ``p`` must be what the kernel takes: a tensor of p's shape,
+        dtype and device in the layout of ``_state_like(p)`` (row-major, or p's strides when p is
+        dense). Raises ValueError naming the parameter and key."""
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"memstate.optim.{self._name}: state '{key}' of {self._param_label(p)} is a "
                              f"{type(t).__name__}, not a tensor")
         if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype or t.device != p.device \
-                or t.layout != torch.strided or not t.is_contiguous():
+                or t.layout != torch.strided or not _state_layout_ok(p, t):
             raise ValueError(
                 f"memstate.optim.{self._name}: state '{key}' of {self._param_label(p)} is a "
-                f"{'' if t.is_contiguous() else 'non-contiguous '}{t.dtype} tensor of shape "
-                f"{tuple(t.shape)} on {t.device}; expected a contiguous {p.dtype} tensor of shape "
-                f"{tuple(p.shape)} on {p.device}"
+                f"{t.dtype} {t.layout} tensor of shape {tuple(t.shape)}, strides {t.stride() if t.layout == torch.strided else None}, "
+                f"on {t.device}; expected a {p.dtype} tensor of shape {tuple(p.shape)} on {p.device} "
+                f"laid out as torch.empty_like(param) (strides {_state_like(p).stride()})"
             )
 
     def _check_param(self, group, p: torch.Tensor) -> None:
@@ -255,10 +398,16 @@ class FusedOptimizer(Optimizer):
             for p in params:
                 if not self.state.get(p):
                     self._init_state(group, p)
-            for bucket in self._buckets(params):
+            dense = [p for p in params if not p.grad.is_sparse]
+            for bucket in self._buckets(dense):
                 rows = self._step_bucket(group, bucket, [self._grad(p) for p in bucket])
                 if self.fingerprint:
                     self._pending.append((bucket, self._roles(group), rows))
+            for p in params:
+                if p.grad.is_sparse:
+                    rows = self._step_sparse(group, p)
+                    if self.fingerprint:
+                        self._pending.append(([p], self._roles(group), rows))
         if self.fingerprint:
             self._after_fingerprinted_step()
         self._plan = self._build_plan()
@@ -347,6 +496,7 @@ class FusedOptimizer(Optimizer):
             raise ValueError(f"optimizer state_dict must be a dict, got {type(state_dict).__name__}")
         groups = state_dict.get("param_groups")
         state = state_dict.get("state")
+        # (entries of `state` not keyed by a parameter id, e.g. written by hooks, load as they are)
         if not isinstance(groups, list) or not isinstance(state, dict):
             raise ValueError("optimizer state_dict must have 'state' (dict) and 'param_groups' (list)")
         if len(groups) != len(self.param_groups):
@@ -370,7 +520,9 @@ class FusedOptimizer(Optimizer):
         id_to_param = dict(zip(saved_ids, params))
         for key, value in state.items():
             if key not in id_to_param:
-                raise ValueError(f"loaded optimizer state has an entry for unknown parameter id {key!r}")
+                if isinstance(key, int):
+                    raise ValueError(f"loaded optimizer state has an entry for unknown parameter id {key!r}")
+                continue  # torch.optim keeps such entries as they are
             p = id_to_param[key]
             if not isinstance(value, dict):
                 raise ValueError(f"loaded state of {self._param_label(p)} is not a dict")
@@ -381,18 +533,20 @@ class FusedOptimizer(Optimizer):
                 self._check_loaded_entry(p, sk, v)
 
     def _check_loaded_entry(self, p: torch.Tensor, key: str, v) -> None:
-        """A loaded state value of a tensor state key must be a dense real floating tensor of
-        p's shape (torch.optim casts it to p's dtype and device); None only where the key
-        allows it (SGD's momentum_buffer)."""
+        """A loaded state value of a tensor state key must be a dense floating tensor of p's
+        shape, complex exactly when p is (torch.optim casts it to p's dtype and device); None
+        only where the key allows it (SGD's momentum_buffer)."""
         if key not in self._state_keys or (v is None and key in self._optional_state_keys):
             return
         ok = isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape)
         if not ok:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"loaded state '{key}' of {self._param_label(p)} has shape {got}, expected {tuple(p.shape)}")
-        if v.layout != torch.strided or v.is_meta or not v.is_floating_point():
+        kind_ok = v.is_complex() if p.is_complex() else v.is_floating_point()
+        if v.layout != torch.strided or v.is_meta or not kind_ok:
             raise ValueError(f"loaded state '{key}' of {self._param_label(p)} is a {v.dtype} {v.layout} tensor on "
-                             f"{v.device}; expected a dense floating-point tensor")
+                             f"{v.device}; expected a dense {'complex' if p.is_complex() else 'real floating-point'} "
+                             f"tensor like the parameter's")
 
     _optional_state_keys: Tuple[str, ...] = ()
 
@@ -400,12 +554,28 @@ class FusedOptimizer(Optimizer):
         return ()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim's load_state_dict, after checking that every saved tensor fits its
-        parameter (ValueError naming the parameter otherwise; nothing is modified)."""
+        """torch.optim's load_state_dict, in torch's order: load_state_dict pre-hooks (which may
+        replace the dict), then the checks that every saved group and tensor fits (ValueError naming
+        the group or parameter otherwise, with nothing modified, also for flags memstate cannot
+        honour, such as ``differentiable=True``), the load, memstate's normalisation (step counters
+        on the CPU, buffers in the parameter's layout) and, last, the post-hooks: they see the
+        state as the next step will."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self._check_loaded_state(state_dict)
-        super().load_state_dict(state_dict)
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:  # torch's load without its hooks: they run here, around the whole of memstate's load
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         self._normalise_loaded_state()
         self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _refingerprint(self) -> None:
         """Hook: recompute the fingerprints of the last step's tensors from their current
@@ -413,4 +583,13 @@ class FusedOptimizer(Optimizer):
         self._pending, self._fingerprints, self._fp_watch = [], {}, []
 
     def _normalise_loaded_state(self) -> None:
-        """Hook: bring loaded state to this optimizer's conventions (e.g. step on CPU)."""
+        """Brings loaded state tensors to the layout ``_state_like`` gives (torch keeps a saved
+        buffer's strides, e.g. a row-major buffer saved for a channels_last parameter).
+        Subclasses extend it (e.g. step counters on the CPU)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                for k in self._state_keys if st else ():
+                    v = st.get(k)
+                    if isinstance(v, torch.Tensor) and v.layout == torch.strided and not _state_layout_ok(p, v):
+                        st[k] = _state_like(p).copy_(v)
