@@ -79,7 +79,7 @@ def _sources(st):
 
 
 def _train_and_save(rank, world, path, single_dir, device="cpu", backend=None):
-    """Reference run: steps 1..N, a snapshot saved at step K. Also: a distributed save into a
+    """Reference run: steps 1..N, a snapshot saved at step 1 and replaced at step K. Also: a distributed save into a
     single-process snapshot directory is refused; ``group=False`` saves a single-process one."""
     import torch.distributed as dist
 
@@ -91,9 +91,11 @@ def _train_and_save(rank, world, path, single_dir, device="cpu", backend=None):
         refused_single = None
     except SnapshotError as e:
         refused_single = str(e)
-    digests = [_step(st, t) for t in range(1, K + 1)]
+    digests = [_step(st, 1)]
     snap = Snapshot.capture(**_sources(st), group=group)
-    snap.save(path)
+    snap.save(path)  # replaced below by the step-K snapshot: an overwrite is tested too
+    digests += [_step(st, t) for t in range(2, K + 1)]
+    snap.recapture().save(path)
     Snapshot.capture(**_sources(st), group=False).save(os.path.join(os.path.dirname(path), f"alone-{rank}"))
     digests += [_step(st, t) for t in range(K + 1, N + 1)]
     return {"digests": digests, "state_digest": snap.fingerprint().digest, "refused_single": refused_single,
@@ -231,6 +233,7 @@ def test_save_writes_rank_dirs_and_global_manifest(reference):
     assert [e["state_digest"] for e in g["ranks"]] == [r["state_digest"] for r in ranks]
     assert g["global_state_digest"] == _dist.global_state_digest([r["state_digest"] for r in ranks])
     for r, e in enumerate(g["ranks"]):
+        assert len([n for n in os.listdir(os.path.join(path, f"rank-{r}")) if n.startswith("data-")]) == 1
         m = json.load(open(os.path.join(path, f"rank-{r}", "manifest.json")))
         assert m["format"] == "memstate-snapshot" and m["distributed"] == {"rank": r, "world_size": 2}
         assert e["manifest_xxh3_128"] == m["manifest_xxh3_128"] and e["dir"] == f"rank-{r}"

@@ -35,6 +35,7 @@ from memstate.snapshot._common import DIST_FORMAT, DIST_FORMAT_VERSION, FORMAT, 
 
 GLOBAL_DIGEST_MAGIC = b"memstate.distributed.state.v1\0"
 _RANK_DIR = re.compile(r"rank-[0-9]+")
+_TMP_MANIFEST = re.compile(r"manifest\.json\.tmp-[0-9]+")  # f"{MANIFEST}.tmp-{pid}", written by rank 0
 
 
 def _dist():
@@ -108,10 +109,11 @@ def all_gather_json(obj: Any, group) -> List[Any]:
     return [json.loads(bytes(b[:n].cpu().numpy()).decode()) for b, n in zip(bufs, sizes)]
 
 
-def agree(group, fn: Callable[[], Any]) -> Any:
-    """Runs ``fn()`` on this rank, then learns every rank's outcome (one all-gather). Returns
-    ``fn()``'s result when every rank succeeded; otherwise every rank raises SnapshotError
-    naming the first rank that failed and its message (a rank whose own failure was not a
+def agree(group, fn: Callable[[], Any], share: bool = False) -> Any:
+    """Runs ``fn()`` on this rank, then learns every rank's outcome (``all_gather_json``).
+    Returns ``fn()``'s result when every rank succeeded (with ``share``: the list of every
+    rank's result, which must be JSON-able); otherwise every rank raises SnapshotError naming
+    the first rank that failed and its message (a rank whose own failure was not a
     SnapshotError re-raises that exception)."""
     result, exc, err = None, None, None
     try:
@@ -119,10 +121,11 @@ def agree(group, fn: Callable[[], Any]) -> Any:
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         exc = e
         err = str(e) if isinstance(e, SnapshotError) else f"{type(e).__name__}: {e}"
-    errors = all_gather_json(err, group)
+    outcomes = all_gather_json([err, result if share and exc is None else None], group)
+    errors = [e for e, _ in outcomes]
     failed = [r for r, m in enumerate(errors) if m is not None]
     if not failed:
-        return result
+        return [res for _, res in outcomes] if share else result
     if exc is not None and not isinstance(exc, SnapshotError):
         raise exc
     r = failed[0]
@@ -148,6 +151,9 @@ def save(snap, path: str, timeout: Optional[float]) -> None:
         if fmt == FORMAT:
             raise SnapshotError(f"{gpath}: {path} holds a single-process snapshot (format {fmt!r}); save the "
                                 f"distributed one to another directory")
+        for name in os.listdir(path):  # the temporary global manifest of a save that was killed
+            if _TMP_MANIFEST.fullmatch(name):
+                _format._remove(os.path.join(path, name))
         if os.path.exists(gpath):  # until the new one is written, no manifest names mixed rank files
             os.remove(gpath)
             _format._fsync_dir(path)
@@ -161,8 +167,7 @@ def save(snap, path: str, timeout: Optional[float]) -> None:
                                     {"distributed": {"rank": rank, "world_size": world}})
             return {"rank": rank, "dir": f"rank-{rank}", "manifest_xxh3_128": checksum, "state_digest": digest}
 
-        entry = agree(group, write_rank)  # also the barrier: every rank has written and fsynced
-        entries = all_gather_json(entry, group)
+        entries = agree(group, write_rank, share=True)  # also the barrier: every rank has written and fsynced
 
         def write_global():
             manifest = {
