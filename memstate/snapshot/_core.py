@@ -10,7 +10,7 @@ from memstate import _ext
 from memstate.fingerprint import Fingerprint, StateFingerprint
 from memstate.snapshot import _dist, _format
 from memstate.snapshot._arena import (_Bound, _bump_versions, _check_names, _collect_tensor_names, _copy, _dynamic,
-                                      _layout, _param_keys, _rows_to_cpu)
+                                      _layout, _like_param, _local, _param_keys, _rows_to_cpu)
 from memstate.snapshot._bind import _HYPER_POLICIES, _Plan, _bind_optimizer, _hyperparameters, _param_index
 from memstate.snapshot._common import _M64, SnapshotError, _bytes_view, _dtype_name, _Entry, _typed
 from memstate.snapshot._rng import _check_rng, _restore_rng
@@ -280,6 +280,8 @@ class Snapshot:
                 if not parts[3].isidentifier():
                     raise SnapshotError(f"{e.name}: {parts[3]!r} is not an optimizer state key")
                 t = opt.state.get(binding[index], {}).get(parts[3])
+                if isinstance(t, torch.Tensor):
+                    t = _local([(e.name, t)])[0][1]  # a DTensor's local shard
                 if not (isinstance(t, torch.Tensor) and tuple(t.shape) == e.shape and t.dtype == e.dtype
                         and t.device == e.device):
                     t = None  # allocated by _apply; the optimizer's state is rebuilt to the capture
@@ -389,7 +391,8 @@ class Snapshot:
             for e, t in zip(self._entries, targets):
                 if e.in_state and e.name.startswith("optimizer.state."):
                     _, _, index, key = e.name.split(".", 3)
-                    plan.opt_state[int(index)][key] = t
+                    p = plan.binding[int(index)]
+                    plan.opt_state[int(index)][key] = _like_param(t, p, opt.state.get(p, {}).get(key))
             if plan.groups is not None:
                 for g, saved in zip(opt.param_groups, plan.groups):
                     g.update(saved)
@@ -498,8 +501,9 @@ class Snapshot:
         snapshot directory loads as before, locally, whatever ``group`` is."""
         sources = dict(model=model, optimizer=optimizer, sampler=sampler, scheduler=scheduler, scaler=scaler,
                        extra=dict(extra) if extra is not None else None)
+        group = _dist.resolve_group(group)
         if _dist.is_distributed(path):
-            return _dist.load(cls, path, sources, rng, hyperparameters, _dist.resolve_group(group))
+            return _dist.load(cls, path, sources, rng, hyperparameters, group)
         return _format.load(cls, path, sources, rng, hyperparameters)
 
     def __repr__(self):
