@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
@@ -44,11 +45,10 @@ def _like_param(t: torch.Tensor, param: torch.Tensor, live: Any) -> Any:
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    """torch's DTensor class if its module is loaded (no DTensor can exist otherwise: importing
+    it here would cost every process that never uses one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
 
 
 def _static_named(sources: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
