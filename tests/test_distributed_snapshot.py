@@ -182,6 +182,11 @@ def _load_other_world(rank, world, path):
 
 
 # ----------------------------------------------------------------------------------- parent side
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _flip_byte(path):
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
@@ -192,7 +197,7 @@ def _flip_byte(path):
 
 def _edit_manifest(path, edit, recompute=True):
     mpath = os.path.join(path, "manifest.json")
-    manifest = json.load(open(mpath))
+    manifest = json.loads(_read(mpath))
     edit(manifest)
     if recompute:
         manifest.pop("manifest_xxh3_128")
@@ -254,7 +259,7 @@ def _single_snapshot(path):
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     Snapshot.capture(net, rng=False).save(path)
-    return open(os.path.join(path, "manifest.json"), "rb").read()
+    return _read(os.path.join(path, "manifest.json"))
 
 
 @pytest.fixture(scope="module")
@@ -269,13 +274,13 @@ def reference(tmp_path_factory):
 def test_save_writes_rank_dirs_and_global_manifest(reference):
     path, ranks = reference["path"], reference["ranks"]
     assert sorted(os.listdir(path)) == [".memstate.lock", "manifest.json", "rank-0", "rank-1"]
-    g = json.load(open(os.path.join(path, "manifest.json")))
+    g = json.loads(_read(os.path.join(path, "manifest.json")))
     assert g["format"] == "memstate-distributed-snapshot" and g["world_size"] == 2 and g["backend"] == "gloo"
     assert [e["state_digest"] for e in g["ranks"]] == [r["state_digest"] for r in ranks]
     assert g["global_state_digest"] == _dist.global_state_digest([r["state_digest"] for r in ranks])
     for r, e in enumerate(g["ranks"]):
         assert len([n for n in os.listdir(os.path.join(path, f"rank-{r}")) if n.startswith("data-")]) == 1
-        m = json.load(open(os.path.join(path, f"rank-{r}", "manifest.json")))
+        m = json.loads(_read(os.path.join(path, f"rank-{r}", "manifest.json")))
         assert m["format"] == "memstate-snapshot" and m["distributed"] == {"rank": r, "world_size": 2}
         assert e["manifest_xxh3_128"] == m["manifest_xxh3_128"] and e["dir"] == f"rank-{r}"
         assert "rng" in m["meta"] and "sampler" in m["meta"] and "memstate" in m["meta"]["rng"]  # contract log
@@ -295,13 +300,13 @@ def test_group_false_and_single_dirs_keep_the_single_process_format(reference):
     tmp = reference["tmp"]
     for r in range(2):
         d = os.path.join(tmp, f"alone-{r}")
-        m = json.load(open(os.path.join(d, "manifest.json")))
+        m = json.loads(_read(os.path.join(d, "manifest.json")))
         assert m["format"] == "memstate-snapshot" and "distributed" not in m
         assert not any(n.startswith("rank-") for n in os.listdir(d))
     # a distributed save into a single-process snapshot directory was refused, that snapshot intact
     for r in reference["ranks"]:
         assert "holds a single-process snapshot" in r["refused_single"] and "\n" not in r["refused_single"]
-    assert open(os.path.join(reference["single"], "manifest.json"), "rb").read() == reference["single_manifest"]
+    assert _read(os.path.join(reference["single"], "manifest.json")) == reference["single_manifest"]
     assert not os.path.exists(os.path.join(reference["single"], "rank-0"))
 
 
@@ -313,10 +318,10 @@ def test_single_process_refuses_a_distributed_directory(reference, tmp_path):
     # and a single-process save never replaces the global manifest
     d = str(tmp_path / "copy")
     shutil.copytree(path, d)
-    before = open(os.path.join(d, "manifest.json"), "rb").read()
+    before = _read(os.path.join(d, "manifest.json"))
     with pytest.raises(SnapshotError, match="holds a distributed snapshot"):
         Snapshot.capture(net).save(d)
-    assert open(os.path.join(d, "manifest.json"), "rb").read() == before
+    assert _read(os.path.join(d, "manifest.json")) == before
 
 
 def test_restore_in_fresh_processes_continues_bit_for_bit(reference, tmp_path):

@@ -134,7 +134,8 @@ def _shared_lock(path: str) -> Optional[int]:
 def _current_manifest(path: str) -> Optional[dict]:
     """The JSON of ``path/manifest.json`` (unverified), or None when it cannot be read."""
     try:
-        manifest = json.loads(open(os.path.join(path, MANIFEST), "rb").read().decode("utf-8"))
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) else None
