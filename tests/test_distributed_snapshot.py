@@ -83,7 +83,7 @@ def _train_and_save(rank, world, path, single_dir, device="cpu", backend=None):
     single-process snapshot directory is refused; ``group=False`` saves a single-process one."""
     import torch.distributed as dist
 
-    group = dist.new_group(backend=backend) if backend else None
+    group = dist.new_group(backend=backend)  # an explicit ProcessGroup here; the restore uses the default group
     st = _build(rank, world, seed=0, device=device, group=group)
     snap = Snapshot.capture(**_sources(st), group=group)
     try:
