@@ -16,8 +16,9 @@ checksum but are not part of ``fingerprint()``.
 
 Modules, each depending only on those above it: ``_common`` (error, entries, alignment),
 ``_tree`` (the JSON state tree), ``_rng`` (RNG capture and checks), ``_bind`` (optimizer
-binding), ``_arena`` (collection, layout, fused copy), ``_format`` (the files), ``_core``
-(the Snapshot object).
+binding), ``_arena`` (collection, layout, fused copy), ``_format`` (the files), ``_dist``
+(per-rank snapshots and their global manifest under a torch.distributed process group),
+``_core`` (the Snapshot object).
 """
 from memstate.snapshot._common import SnapshotError
 from memstate.snapshot._core import Snapshot

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
@@ -18,6 +19,38 @@ _Module = torch.nn.Module
 _DTYPE, _SHAPE, _DEVICE = (operator.attrgetter(a) for a in ("dtype", "shape", "device"))
 
 
+def _local(named):
+    """(name, tensor) pairs with every DTensor (FSDP2 / tensor-parallel parameters and their
+    optimizer state) replaced by its local shard, which shares its storage: a snapshot holds and
+    restores, in place, what this rank holds."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return named
+    return [(n, t._local_tensor if isinstance(t, dtensor) else t) for n, t in named]
+
+
+def _like_param(t: torch.Tensor, param: torch.Tensor, live: Any) -> Any:
+    """The optimizer state value to set for restored tensor `t` of `param`: the live DTensor
+    whose local shard `t` is; for a DTensor parameter without that state live, `t` (a local
+    shard of the parameter's local shape) wrapped as a DTensor like the parameter; else `t`."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(param, dtensor):
+        return t
+    if isinstance(live, dtensor) and live._local_tensor is t:
+        return live
+    if t.shape == param._local_tensor.shape:
+        return dtensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+    return t
+
+
+def _dtensor_type():
+    """torch's DTensor class if its module is loaded (no DTensor can exist otherwise: importing
+    it here would cost every process that never uses one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
 def _static_named(sources: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
     """(name, live tensor) of the tensors restored in place, in entry order: model parameters
     and buffers, optimizer state tensors, extra modules / tensors / dicts of tensors. Raises
@@ -27,21 +60,21 @@ def _static_named(sources: Dict[str, Any]) -> List[Tuple[str, torch.Tensor]]:
     if model is not None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        named += [(f"model.{n}", t) for n, t in named_state_tensors(model)]
+        named += [(f"model.{n}", t) for n, t in _local(named_state_tensors(model))]
     opt = sources.get("optimizer")
     if opt is not None:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(opt).__name__}")
-        named += [(f"optimizer.{n}", t) for n, t in named_state_tensors(opt)]
+        named += [(f"optimizer.{n}", t) for n, t in _local(named_state_tensors(opt))]
     extra = sources.get("extra")
     if extra is not None:
         if not isinstance(extra, Mapping):
             raise TypeError(f"extra must be a dict of name -> module, tensor or stateful object, got {type(extra).__name__}")
         for key, obj in extra.items():
             if _tensor_container(obj):
-                named += [(f"extra.{key}.{n}", t) for n, t in named_state_tensors(obj)]
+                named += [(f"extra.{key}.{n}", t) for n, t in _local(named_state_tensors(obj))]
             elif isinstance(obj, torch.Tensor):
-                named.append((f"extra.{key}", obj))
+                named += _local([(f"extra.{key}", obj)])
             elif not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
                 raise TypeError(
                     f"extra[{key!r}] is a {type(obj).__name__}: pass a module, a tensor, a dict of tensors or an "
@@ -291,15 +324,15 @@ def _collect_tensor_names(sources) -> Tuple[Dict[str, torch.Tensor], None]:
     out: Dict[str, torch.Tensor] = {}
     model = sources.get("model")
     if model is not None:
-        out.update({f"model.{n}": t for n, t in named_state_tensors(model)})
+        out.update({f"model.{n}": t for n, t in _local(named_state_tensors(model))})
     opt = sources.get("optimizer")
     if opt is not None:
-        out.update({f"optimizer.{n}": t for n, t in named_state_tensors(opt)})
+        out.update({f"optimizer.{n}": t for n, t in _local(named_state_tensors(opt))})
     for key, obj in (sources.get("extra") or {}).items():
         if isinstance(obj, torch.Tensor):
-            out[f"extra.{key}"] = obj
+            out.update(_local([(f"extra.{key}", obj)]))
         elif _tensor_container(obj):
-            out.update({f"extra.{key}.{n}": t for n, t in named_state_tensors(obj)})
+            out.update({f"extra.{key}.{n}": t for n, t in _local(named_state_tensors(obj))})
     return out, None
 
 

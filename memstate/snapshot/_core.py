@@ -8,9 +8,9 @@ import torch
 
 from memstate import _ext
 from memstate.fingerprint import Fingerprint, StateFingerprint
-from memstate.snapshot import _format
+from memstate.snapshot import _dist, _format
 from memstate.snapshot._arena import (_Bound, _bump_versions, _check_names, _collect_tensor_names, _copy, _dynamic,
-                                      _layout, _param_keys, _rows_to_cpu)
+                                      _layout, _like_param, _local, _param_keys, _rows_to_cpu)
 from memstate.snapshot._bind import _HYPER_POLICIES, _Plan, _bind_optimizer, _hyperparameters, _param_index
 from memstate.snapshot._common import _M64, SnapshotError, _bytes_view, _dtype_name, _Entry, _typed
 from memstate.snapshot._rng import _check_rng, _restore_rng
@@ -38,12 +38,14 @@ class Snapshot:
         self._groups: list = []  # per device: (entry indices or None, arena views) for the fused copy
         self._spilled: List[int] = []  # to="cpu": entries of device tensors, copied on a side stream
         self._restore_groups: Optional[list] = None  # per device: (plan indices or None, live targets, views)
+        self._group = None  # the torch.distributed process group of a per-rank snapshot (None: one process)
+        self._file: Optional[dict] = None  # loaded snapshots: the file manifest's checksum and rank record
 
     # ------------------------------------------------------------------ capture
     @classmethod
     def capture(cls, model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None, *,
                 sampler=None, scheduler=None, scaler=None, extra: Optional[Mapping[str, Any]] = None,
-                rng: bool = True, to: Optional[str] = None) -> "Snapshot":
+                rng: bool = True, to: Optional[str] = None, group=None) -> "Snapshot":
         """Captures the state of the given live objects.
 
         - ``model``: parameters and buffers (BatchNorm statistics included);
@@ -52,7 +54,13 @@ class Snapshot:
         - ``extra``: name -> module (EMA/teacher), tensor (queue, pointer) or stateful object;
         - ``rng``: torch CPU and every CUDA generator, numpy's and Python's global RNGs;
         - ``to="cpu"``: keep device tensors in pinned host memory (copied asynchronously on a
-          side stream) for state that does not fit beside the model.
+          side stream) for state that does not fit beside the model;
+        - ``group``: the ``torch.distributed`` process group: ``None`` (default) is the default
+          group when ``torch.distributed`` is initialised, else one process; ``False`` opts out
+          (a single-process snapshot even under a group); or a ``ProcessGroup``. Under a group
+          the capture is still local (this rank's shards, RNG states, sampler position; no
+          communication, like ``restore()``), and ``save``/``load`` become collective: per-rank
+          directories plus one global manifest (docs/snapshot.md, "Distributed").
         """
         if to not in (None, "cpu"):
             raise ValueError(f"to must be None or 'cpu', got {to!r}")
@@ -61,6 +69,7 @@ class Snapshot:
                          "scaler": scaler, "extra": dict(extra) if extra is not None else None}
         snap._rng = bool(rng)
         snap._to = to
+        snap._group = _dist.resolve_group(group)
         snap._capture()
         return snap
 
@@ -271,6 +280,8 @@ class Snapshot:
                 if not parts[3].isidentifier():
                     raise SnapshotError(f"{e.name}: {parts[3]!r} is not an optimizer state key")
                 t = opt.state.get(binding[index], {}).get(parts[3])
+                if isinstance(t, torch.Tensor):
+                    t = _local([(e.name, t)])[0][1]  # a DTensor's local shard
                 if not (isinstance(t, torch.Tensor) and tuple(t.shape) == e.shape and t.dtype == e.dtype
                         and t.device == e.device):
                     t = None  # allocated by _apply; the optimizer's state is rebuilt to the capture
@@ -380,7 +391,8 @@ class Snapshot:
             for e, t in zip(self._entries, targets):
                 if e.in_state and e.name.startswith("optimizer.state."):
                     _, _, index, key = e.name.split(".", 3)
-                    plan.opt_state[int(index)][key] = t
+                    p = plan.binding[int(index)]
+                    plan.opt_state[int(index)][key] = _like_param(t, p, opt.state.get(p, {}).get(key))
             if plan.groups is not None:
                 for g, saved in zip(opt.param_groups, plan.groups):
                     g.update(saved)
@@ -456,13 +468,21 @@ class Snapshot:
         Writers take an exclusive ``fcntl.flock`` on ``path/.memstate.lock``: a second writer
         raises SnapshotError at once, or waits up to ``timeout`` seconds for the lock. The free
         space is checked first: the new data file and manifest must fit while the old ones
-        still exist (SnapshotError naming the bytes needed and free otherwise)."""
+        still exist (SnapshotError naming the bytes needed and free otherwise).
+
+        A snapshot captured or loaded under a process group saves collectively (every rank of
+        the group calls ``save`` with the same `path`): each rank writes ``path/rank-{r}/`` in
+        the format above, then rank 0 writes the global ``path/manifest.json`` once every rank
+        has written and fsynced (docs/snapshot.md, "Distributed")."""
         self._wait()
-        _format.save(self, path, timeout)
+        if self._group is not None:
+            _dist.save(self, path, timeout)
+        else:
+            _format.save(self, path, timeout)
 
     @classmethod
     def load(cls, path: str, model=None, optimizer=None, *, sampler=None, scheduler=None, scaler=None,
-             extra=None, rng: bool = True, hyperparameters: str = "check") -> "Snapshot":
+             extra=None, rng: bool = True, hyperparameters: str = "check", group=None) -> "Snapshot":
         """Reads a saved snapshot, verifies every checksum and fingerprint, and binds it to
         the given live objects, running every check ``restore()`` makes (names, shapes, dtypes,
         the optimizer's parameters bound by name and its group structure, sampler/scheduler/
@@ -471,12 +491,23 @@ class Snapshot:
         ``hyperparameters``: ``"check"`` (default) refuses a param group whose hyperparameters
         (lr, betas, weight_decay, ...) differ from the snapshot's, naming the group and key;
         ``"snapshot"`` restores the snapshot's values (e.g. a scheduled learning rate when
-        resuming); ``"live"`` keeps the live optimizer's."""
-        return _format.load(cls, path, dict(model=model, optimizer=optimizer, sampler=sampler, scheduler=scheduler,
-                                             scaler=scaler, extra=dict(extra) if extra is not None else None), rng,
-                             hyperparameters)
+        resuming); ``"live"`` keeps the live optimizer's.
+
+        ``group`` (as in ``capture``): a directory of per-rank snapshots is loaded collectively
+        (every rank of the group calls ``load``): each rank reads ``rank-{r}/`` and checks it
+        against the global manifest; a different world size, a missing or corrupt rank
+        directory or a manifest that does not match the rank files makes every rank raise
+        SnapshotError naming the rank and file, with nothing live touched. A single-process
+        snapshot directory loads as before, locally, whatever ``group`` is."""
+        sources = dict(model=model, optimizer=optimizer, sampler=sampler, scheduler=scheduler, scaler=scaler,
+                       extra=dict(extra) if extra is not None else None)
+        group = _dist.resolve_group(group)
+        if _dist.is_distributed(path):
+            return _dist.load(cls, path, sources, rng, hyperparameters, group)
+        return _format.load(cls, path, sources, rng, hyperparameters)
 
     def __repr__(self):
+        rank = "" if self._group is None else f", rank={_dist._dist().get_rank(self._group)}"
         return (f"Snapshot({len(self._entries)} tensors, {self.nbytes / 2**20:.1f} MiB, "
-                f"sources={self._meta.get('sources')}, rng={'rng' in self._meta})")
+                f"sources={self._meta.get('sources')}, rng={'rng' in self._meta}{rank})")
 

@@ -42,7 +42,8 @@ from memstate._version import __version__
 from memstate.fingerprint import Fingerprint, fingerprint_many
 from memstate.snapshot._arena import _collect_tensor_names
 from memstate.snapshot._bind import _HYPER_POLICIES
-from memstate.snapshot._common import ALIGN, FORMAT, FORMAT_VERSION, SnapshotError, _dtype_from_name, _dtype_name, _Entry
+from memstate.snapshot._common import (ALIGN, DIST_FORMAT, FORMAT, FORMAT_VERSION, SnapshotError, _dtype_from_name,
+                                       _dtype_name, _Entry)
 
 MANIFEST = "manifest.json"
 LOCK = ".memstate.lock"
@@ -130,12 +131,30 @@ def _shared_lock(path: str) -> Optional[int]:
     return fd
 
 
-def _current_data_file(path: str) -> Optional[str]:
-    """The data file the manifest at `path` names, if it is one save() could have written."""
+def _current_manifest(path: str) -> Optional[dict]:
+    """The JSON of ``path/manifest.json`` (unverified), or None when it cannot be read."""
     try:
-        name = json.loads(open(os.path.join(path, MANIFEST), "rb").read().decode("utf-8"))["data_file"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _manifest_format(path: str) -> Optional[str]:
+    """The ``format`` field of ``path/manifest.json``, or None when it cannot be read."""
+    fmt = (_current_manifest(path) or {}).get("format")
+    return fmt if isinstance(fmt, str) else None
+
+
+def _current_data_file(path: str) -> Optional[str]:
+    """The data file the manifest at `path` names, if it is one save() could have written.
+    Refuses a directory whose manifest is the global manifest of per-rank snapshots."""
+    manifest = _current_manifest(path) or {}
+    if manifest.get("format") == DIST_FORMAT:
+        raise SnapshotError(f"{path}: holds a distributed snapshot ({MANIFEST} is its global manifest); save a "
+                            f"single-process snapshot to another directory")
+    name = manifest.get("data_file")
     return name if isinstance(name, str) and _DATA_NAME.fullmatch(name) else None
 
 
@@ -175,19 +194,21 @@ def _pieces(snap, entries: List[dict], h) -> Any:
         offset = m["offset"] + e.nbytes
 
 
-def save(snap, path: str, timeout: Optional[float] = None) -> None:
+def save(snap, path: str, timeout: Optional[float] = None, fields: Optional[Dict[str, Any]] = None) -> str:
+    """Saves `snap` to directory `path`; returns the new manifest's ``manifest_xxh3_128``.
+    ``fields``: further top-level manifest fields (a per-rank snapshot's ``distributed``)."""
     os.makedirs(path, exist_ok=True)
     lock = _Lock(path, timeout)
     try:
-        _save_locked(snap, path, lock)
+        return _save_locked(snap, path, lock, fields or {})
     finally:
         lock.release()
 
 
-def _save_locked(snap, path: str, lock: _Lock) -> None:
+def _save_locked(snap, path: str, lock: _Lock, fields: Dict[str, Any]) -> str:
     # 1. leftovers of a save that was killed: its journal names its new data file and the one
     #    it was replacing; whichever the current manifest does not name is garbage
-    previous = _current_data_file(path)
+    previous = _current_data_file(path)  # (refuses the global manifest of per-rank snapshots)
     for name in lock.journal().split():
         if _DATA_NAME.fullmatch(name):
             if name != previous:
@@ -226,6 +247,7 @@ def _save_locked(snap, path: str, lock: _Lock) -> None:
             "data_xxh3_128": h.hexdigest(),
             "tensors": entries,
             "meta": snap._meta,
+            **fields,
         }
         manifest["manifest_xxh3_128"] = xxhash.xxh3_128_hexdigest(_canonical(manifest))
         _write_file(tmp_manifest, [json.dumps(manifest, indent=1, allow_nan=False).encode()])
@@ -241,6 +263,7 @@ def _save_locked(snap, path: str, lock: _Lock) -> None:
     if previous is not None and previous != data_name:
         _remove(os.path.join(path, previous))
     lock.set_journal("")
+    return manifest["manifest_xxh3_128"]
 
 
 # ----------------------------------------------------------------------------------- load
@@ -248,7 +271,9 @@ def _reject_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _read_manifest(path: str) -> dict:
+def _read_manifest(path: str, fmt: str = FORMAT, version: int = FORMAT_VERSION) -> dict:
+    """The manifest at `path` of format `fmt`, structure and checksum verified; its
+    ``manifest_xxh3_128`` is kept in the returned dict."""
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
         raise SnapshotError(f"{path}: no {MANIFEST} (not a memstate snapshot directory)")
@@ -261,14 +286,18 @@ def _read_manifest(path: str) -> dict:
         raise SnapshotError(f"{mpath}: corrupt manifest ({e})") from None
     except RecursionError:
         raise SnapshotError(f"{mpath}: corrupt manifest (nested too deeply)") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SnapshotError(f"{mpath}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if isinstance(manifest, dict) and fmt == FORMAT and manifest.get("format") == DIST_FORMAT:
+        raise SnapshotError(f"{mpath}: a distributed snapshot of {manifest.get('world_size')!r} ranks: load it under a "
+                            f"process group of that size (Snapshot.load(..., group=...)), or one rank's directory "
+                            f"{os.path.join(path, 'rank-<r>')} alone")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise SnapshotError(f"{mpath}: not a {fmt} manifest")
+    if manifest.get("format_version") != version:
         raise SnapshotError(f"{mpath}: format version {manifest.get('format_version')!r}, this memstate reads "
-                            f"{FORMAT_VERSION}")
-    claimed = manifest.pop("manifest_xxh3_128", None)
+                            f"{version}")
+    claimed = manifest.get("manifest_xxh3_128")
     try:
-        actual = xxhash.xxh3_128_hexdigest(_canonical(manifest))
+        actual = xxhash.xxh3_128_hexdigest(_canonical({k: v for k, v in manifest.items() if k != "manifest_xxh3_128"}))
     except (ValueError, TypeError, RecursionError) as e:
         raise SnapshotError(f"{mpath}: corrupt manifest ({type(e).__name__}: {e})") from None
     if claimed != actual:
@@ -423,6 +452,7 @@ def load(cls, path: str, sources: Dict[str, Any], rng: bool, hyperparameters: st
     snap._fp_rows = torch.tensor([[a - (1 << 64) if a >= 1 << 63 else a for a in fp.lanes] for fp in want],
                                  dtype=torch.int64).reshape(-1, 2)
     snap._meta = meta
+    snap._file = {"manifest_xxh3_128": manifest["manifest_xxh3_128"], "distributed": manifest.get("distributed")}
     plan = snap._plan()  # every check restore() makes (optimizer binding, samplers, RNGs), now
     for e in entries:
         if e.in_state and e.name.startswith("optimizer.state."):
