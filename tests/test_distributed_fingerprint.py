@@ -187,3 +187,24 @@ def test_sharded_fingerprints_equal_unsharded(world):
 def _dict_state_want():
     w = full_tensor(torch.bfloat16, (9, 5), seed=3)
     return memstate.fingerprint_state({"enc": {"w": w}, "bias": torch.arange(3.0)}).to_json()
+
+
+def _cuda_rank_main(rank, world):
+    import memstate.distributed as md
+    from dist_helper import cuda_group
+
+    group, device = cuda_group(rank)
+    out = {}
+    for name, dtype, shape in CASES:
+        flat = full_tensor(dtype, shape, seed=len(name)).reshape(-1).to(device)
+        lo, hi = byte_cuts(flat.numel(), world, rank, "first_heavy")
+        out[name] = md.fingerprint(flat[lo:hi], offset=lo, global_shape=shape, group=group, name=name).hex()
+    return out
+
+
+@pytest.mark.cuda
+def test_sharded_fingerprints_cuda():
+    """CUDA shards (partial sums from the CUDA kernel), NCCL with 2 GPUs, else gloo on one GPU."""
+    want = expected()
+    for rank, out in enumerate(run_ranks(_cuda_rank_main, 2, timeout=150)):
+        assert out == {name: native for name, (native, _) in want.items()}, rank

@@ -70,15 +70,26 @@ def train(rank, world, *, opt_kind="memstate", flip_at=None, flip_rank=None, on_
 
 
 def layout_change(rank, world):
-    """One rank drops a gradient: the explicit check reports the differing tensor sets, and the
-    next check, with the gradient back, renegotiates and passes."""
+    """One rank drops a gradient (torch.optim: the current gradients are checked): the explicit
+    check reports the differing tensor sets, and the next check, with the gradient back,
+    renegotiates and passes."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import memstate.optim as mo
     from memstate.distributed import ReplicaCheck
 
+    # memstate's in-pass fingerprints stay checkable after zero_grad(set_to_none=True)
     model = DDP(make_model())
-    opt = mo.SGD(model.parameters(), lr=1e-2, fingerprint=True)
+    opt = mo.AdamW(model.parameters(), lr=1e-2, fingerprint=True)
+    check = ReplicaCheck(model, opt)
+    model(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    after_zero_grad = len(check.check(7))
+    check.remove()
+
+    model = DDP(make_model())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     check = ReplicaCheck(model, opt, on_mismatch=lambda step, ms: None)
     model(torch.randn(4, 64)).sum().backward()
     opt.step()
@@ -88,7 +99,7 @@ def layout_change(rank, world):
         p.grad = None
     bad = check.check(99)
     p.grad = grad
-    return {"bad": [[m.name, m.groups] for m in bad], "after": len(check.check(100)),
+    return {"bad": [[m.name, m.groups] for m in bad], "after": len(check.check(100)), "after_zero_grad": after_zero_grad,
             "history": [s for s, _ in check.history]}
 
 
@@ -162,7 +173,7 @@ def test_replica_check_ddp(world):
         assert len(layout["bad"]) == 1 and layout["bad"][0][0].startswith("<the set of tensors checked")
         # SGD without momentum: param and grad of 4 parameters, one grad missing on the last rank
         assert f"rank {last}: 7" in layout["bad"][0][0] and "rank 0: 8" in layout["bad"][0][0]
-        assert layout["after"] == 0 and layout["history"] == [99]
+        assert layout["after"] == 0 and layout["history"] == [99] and layout["after_zero_grad"] == 0
         assert res == results[0]  # every rank gathered the same data, so reports the same
 
 
@@ -178,3 +189,40 @@ def test_replica_check_needs_a_process_group():
         ReplicaCheck(model, opt, every=0)
     with pytest.raises(ValueError, match="on_mismatch must be"):
         ReplicaCheck(model, opt, on_mismatch="log")
+
+
+def _cuda_rank_main(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import memstate.optim as mo
+    from dist_helper import cuda_group
+    from memstate.distributed import ReplicaCheck
+
+    group, device = cuda_group(rank)
+    model = DDP(make_model().to(device), process_group=group,
+                device_ids=[device.index] if group is not None else None)
+    opt = mo.AdamW(model.parameters(), lr=1e-2, fingerprint=True)
+    check = ReplicaCheck(model, opt, group=group, on_mismatch="warn", rng=True)
+    torch.manual_seed(1)
+    torch.cuda.manual_seed(1)
+    data = torch.Generator().manual_seed(100 + rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, STEPS + 1):
+            if step == 3 and rank == 1:
+                flip_one_bit(dict(model.module.named_parameters())[FLIPPED])
+            x, y = torch.randn(16, 64, generator=data).to(device), torch.randint(0, 10, (16,), generator=data).to(device)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return {"history": [[s, [m.name for m in ms]] for s, ms in check.history],
+            "warned": sum(w.category.__name__ == "ReplicaMismatchWarning" for w in caught)}
+
+
+@pytest.mark.cuda
+def test_replica_check_cuda():
+    """CUDA DDP (NCCL with 2 GPUs, else gloo on one GPU), in-pass fingerprints from the CUDA
+    AdamW kernel, the CUDA generator compared too: the flip before step 3 is seen at steps 3-6."""
+    for res in run_ranks(_cuda_rank_main, 2, timeout=150):
+        assert res["history"] == [[s, [FLIPPED]] for s in range(3, STEPS + 1)], res
+        assert res["warned"] == STEPS - 2

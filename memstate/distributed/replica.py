@@ -229,13 +229,20 @@ class ReplicaCheck:
             names.append(name)
             fps.append(fp)
 
+        # The fused step's fingerprints, fetched once for all parameters. Not via the public
+        # fingerprints(p) per parameter (each call re-checks every watched tensor's version:
+        # quadratic in the parameter count) nor state_fingerprint() (it reads p.grad, which
+        # zero_grad(set_to_none=True) may have removed since the step).
+        if in_pass:
+            opt._materialise()
+        fused = opt._fingerprints if in_pass else {}
         for gi, group in enumerate(opt.param_groups):
             for pi, p in enumerate(group["params"]):
                 base = self._param_name(p, gi, pi)
-                got = opt.fingerprints(p) if in_pass else {}
+                got = fused.get(id(p), {})
                 state = opt.state.get(p, {})
                 add(base, got.get("param"), p)
-                if p.grad is not None:
+                if "grad" in got or p.grad is not None:  # the gradient the step read, else the current one
                     add(base + ".grad", got.get("grad"), p.grad)
                 for key in sorted(k for k, v in state.items() if isinstance(v, torch.Tensor)):
                     add(f"{base}.{key}", got.get(key), state[key])
