@@ -1,7 +1,8 @@
 """ReplicaCheck on DDP training loops over 2 and 3 gloo ranks: clean runs report nothing; a
 planted one-bit flip in one replica's parameter before step k is reported at step k with the
 parameter's name and the ranks that disagree (raise and warn modes, memstate's in-pass
-fingerprints and the fingerprint_many fallback for torch.optim); every=2 reports at the next
+fingerprints and the fingerprint_many fallback for torch.optim; defer=True reports it during
+step k + 1, still as step k); every=2 reports at the next
 checked step; rng=True names a CPU generator that drifted on one rank; a rank whose set of
 tensors differs is reported and the check recovers. Each world size is one spawn of ranks
 running every scenario (spawning is the slow part)."""
@@ -29,7 +30,7 @@ def flip_one_bit(p: torch.Tensor) -> None:
 
 
 def train(rank, world, *, opt_kind="memstate", flip_at=None, flip_rank=None, on_mismatch="raise", every=1,
-          rng=False, drift_rng_at=None):
+          rng=False, drift_rng_at=None, defer=False):
     """A DDP loop with ReplicaCheck; returns what was reported: the exception (raise mode) or
     the warnings (warn mode), as JSON."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -42,7 +43,7 @@ def train(rank, world, *, opt_kind="memstate", flip_at=None, flip_rank=None, on_
         opt = mo.AdamW(model.parameters(), lr=1e-2, fingerprint=True)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    check = ReplicaCheck(model, opt, every=every, on_mismatch=on_mismatch, rng=rng)
+    check = ReplicaCheck(model, opt, every=every, on_mismatch=on_mismatch, rng=rng, defer=defer)
     torch.manual_seed(1)  # the same dropout stream on every replica
     data = torch.Generator().manual_seed(100 + rank)  # each replica its own batches
     report = {"raised": None, "warned": []}
@@ -60,7 +61,7 @@ def train(rank, world, *, opt_kind="memstate", flip_at=None, flip_rank=None, on_
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
         except ReplicaMismatch as e:
-            report["raised"] = {"step": e.step, "message": str(e),
+            report["raised"] = {"step": e.step, "message": str(e), "during": step,
                                 "mismatches": [[m.name, m.groups, m.majority, m.minority] for m in e.mismatches]}
     report["warned"] = [str(w.message) for w in caught if w.category.__name__ == "ReplicaMismatchWarning"]
     report["checks"], report["history_steps"] = check.checks, [s for s, _ in check.history]
@@ -110,6 +111,8 @@ def rank_main(rank, world):
         "clean_torch_rng": train(rank, world, opt_kind="torch", rng=True),
         "flip": train(rank, world, flip_at=4, flip_rank=last),
         "flip_torch": train(rank, world, opt_kind="torch", flip_at=2, flip_rank=0),
+        "flip_defer": train(rank, world, flip_at=4, flip_rank=last, defer=True),
+        "clean_defer": train(rank, world, defer=True),
         "flip_warn": train(rank, world, flip_at=3, flip_rank=last, on_mismatch="warn"),
         "flip_every2": train(rank, world, flip_at=3, flip_rank=last, on_mismatch="warn", every=2),
         "rng_drift": train(rank, world, opt_kind="torch", rng=True, drift_rng_at=3, flip_rank=last),
@@ -147,6 +150,15 @@ def test_replica_check_ddp(world):
             assert majority == [0, 1] and groups == [[0, 1], [2]]
             assert f"{FLIPPED} (rank 2 differs from the majority, ranks 0, 1)" in raised["message"]
         assert raised["message"].startswith(f"ReplicaCheck: step 4: 1 tensor(s) differ across the {world} replicas")
+
+        assert raised["during"] == 4
+        # defer=True: step 4's comparison completes in step 5's hook, still reported as step 4
+        deferred = res["flip_defer"]["raised"]
+        assert deferred["step"] == 4 and deferred["during"] == 5, deferred
+        assert [m[0] for m in deferred["mismatches"]] == [FLIPPED]
+        assert deferred["message"] == raised["message"]
+        assert res["clean_defer"]["raised"] is None and res["clean_defer"]["history_steps"] == []
+        assert res["clean_defer"]["checks"] == STEPS
 
         # torch.optim (fallback fingerprints): flip on rank 0 before step 2
         raised = res["flip_torch"]["raised"]

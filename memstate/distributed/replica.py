@@ -110,6 +110,10 @@ class ReplicaCheck:
         rng: also compare random generator states that must agree across replicas: True for
             torch's CPU generator and, once CUDA is initialised, the current device's CUDA
             generator; or a mapping name -> torch.Generator.
+        defer: start the all_gather after the step but compare at the next check (or
+            ``flush()`` / ``remove()``), so the communication overlaps the next forward and
+            backward; a mismatch of step k is then reported (still as step k) during step
+            k + every. Default False: reported within step k's ``optimizer.step()``.
 
     Checked, per parameter of the optimizer (in param_groups order): the parameter after the
     step (``fc.weight``), its gradient (``fc.weight.grad``) and each tensor state entry
@@ -126,7 +130,7 @@ class ReplicaCheck:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None, every: int = 1,
                  on_mismatch: Union[str, Callable] = "raise",
-                 rng: Union[bool, Mapping[str, torch.Generator]] = False):
+                 rng: Union[bool, Mapping[str, torch.Generator]] = False, defer: bool = False):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"ReplicaCheck: model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -142,7 +146,8 @@ class ReplicaCheck:
             if not isinstance(rng, Mapping) or not all(isinstance(g, torch.Generator) for g in rng.values()):
                 raise TypeError("ReplicaCheck: rng must be True/False or a mapping name -> torch.Generator")
         self.model, self.optimizer, self.group, self.every = model, optimizer, group, every
-        self.on_mismatch, self.rng = on_mismatch, rng
+        self.on_mismatch, self.rng, self.defer = on_mismatch, rng, bool(defer)
+        self._pending = None  # (finish, step, names) of a started all_gather not yet compared
         self.steps = 0  # optimizer steps seen by the hook
         self.checks = 0  # checks run
         self.history: List[Tuple[int, Tuple[Mismatch, ...]]] = []  # (step, mismatches) of failed checks
@@ -156,8 +161,10 @@ class ReplicaCheck:
 
     # ------------------------------------------------------------------------------ public
     def remove(self) -> None:
-        """Detaches the step hook (explicit ``check`` still works)."""
+        """Completes a deferred comparison (``flush()``) and detaches the step hook (explicit
+        ``check`` still works)."""
         self._handle.remove()
+        self.flush()
 
     def __enter__(self):
         return self
@@ -173,22 +180,39 @@ class ReplicaCheck:
 
     def check(self, step: Optional[int] = None) -> List[Mismatch]:
         """Compares the replicas now; returns the mismatches (empty if all agree) after acting
-        on them as ``on_mismatch`` says. ``step`` labels the report (default: steps seen)."""
+        on them as ``on_mismatch`` says. ``step`` labels the report (default: steps seen).
+
+        With ``defer=True`` the all_gather is only started here and compared at the next check
+        (or ``flush()``): the return value is then the previous check's mismatches."""
         step = self.steps if step is None else step
         self.checks += 1
+        earlier = self.flush()
         names, lanes = self._local()
         tag = _layout_tag(names)
         if self._agreed is None:
-            header = self._all_gather(torch.tensor([tag, len(names)], dtype=torch.int64))
+            header = self._all_gather(torch.tensor([tag, len(names)], dtype=torch.int64))()
             if (header != header[0]).any():
-                return self._report(step, [self._layout_mismatch(header[:, 0].tolist(), header[:, 1].tolist())])
+                return earlier + self._report(step, [self._layout_mismatch(header[:, 0].tolist(),
+                                                                           header[:, 1].tolist())])
             self._agreed = len(names)
         n = self._agreed
         local = torch.zeros(_HEADER + 2 * n, dtype=torch.int64)
         local[0], local[1] = tag, len(names)
         k = min(n, len(names))
         local[_HEADER:_HEADER + 2 * k] = torch.tensor(lanes[:2 * k], dtype=torch.int64)
-        rows = self._all_gather(local)
+        self._pending = (self._all_gather(local, async_op=self.defer), step, names)
+        return earlier if self.defer else self.flush()
+
+    def flush(self) -> List[Mismatch]:
+        """Completes a deferred comparison (``defer=True``), acting on its mismatches as
+        ``on_mismatch`` says, and returns them; ``[]`` when none is pending. A collective
+        when one is pending: call it on every rank (``remove()`` calls it)."""
+        if self._pending is None:
+            return []
+        finish, step, names = self._pending
+        self._pending = None
+        rows = finish()
+        n = self._agreed
         if (rows[:, :_HEADER] != rows[0, :_HEADER]).any():
             self._agreed = None  # every rank saw it: all renegotiate at the next check
             return self._report(step, [self._layout_mismatch(rows[:, 0].tolist(), rows[:, 1].tolist())])
@@ -204,11 +228,19 @@ class ReplicaCheck:
         if self.steps % self.every == 0:
             self.check(self.steps)
 
-    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
+    def _all_gather(self, local: torch.Tensor, async_op: bool = False) -> Callable[[], torch.Tensor]:
+        """Starts the all_gather of ``local`` over the group; the returned function waits for
+        it and gives the [world, len] rows on the CPU."""
         local = local.to(self._device)
         out = torch.empty(self._world * local.numel(), dtype=local.dtype, device=self._device)
-        _all_gather_single(out, local, group=self.group)
-        return out.cpu().view(self._world, local.numel())
+        work = _all_gather_single(out, local, group=self.group, async_op=async_op)
+
+        def finish() -> torch.Tensor:
+            if work is not None:
+                work.wait()
+            return out.cpu().view(self._world, local.numel())
+
+        return finish
 
     def _param_name(self, p: torch.Tensor, gi: int, pi: int) -> str:
         return self._names.get(id(p), f"param_groups[{gi}].params[{pi}]")
