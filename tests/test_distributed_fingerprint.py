@@ -85,8 +85,10 @@ def _local_shard_cases(world, rank, out):
 def _state_cases(world, rank, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     import memstate.distributed as md
+    from memstate.fingerprint import named_state_tensors
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3), torch.nn.BatchNorm1d(3))
@@ -98,6 +100,14 @@ def _state_cases(world, rank, out):
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     out["fsdp_model"] = md.fingerprint_state(model).to_json()
     out["fsdp_model_digest"] = md.fingerprint_state(model).digest
+    # FSDP2 optimizer state (DTensor exp_avg / exp_avg_sq, plain step counters) against the
+    # unsharded tensors gathered with full_tensor()
+    fsdp_opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 5)).sum().backward()
+    fsdp_opt.step()
+    full = {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in named_state_tensors(fsdp_opt)}
+    out["fsdp_optimizer"] = md.fingerprint_state(fsdp_opt).to_json()
+    out["fsdp_optimizer_full"] = memstate.fingerprint_state(full).to_json()
     # a dict of local shards (nested) and plain replicated tensors
     w = full_tensor(torch.bfloat16, (9, 5), seed=3)
     lo, hi = byte_cuts(w.numel(), world, rank, "even")
@@ -174,6 +184,7 @@ def test_sharded_fingerprints_equal_unsharded(world):
         if world % 2 == 0:
             assert out["dtensor2d/f16_7x3"] == memstate.fingerprint(t2d).hex()
         assert out["fsdp_model"] == out["unsharded_model"]
+        assert out["fsdp_optimizer"] == out["fsdp_optimizer_full"] and len(out["fsdp_optimizer"]) == 6 * 3
         assert out["dict_state"] == _dict_state_want()
         assert out["after_errors"] == memstate.fingerprint(torch.arange(9, dtype=torch.int8)).hex()
         errors = out["errors"]  # the same message on every rank, naming the tensor
