@@ -13,11 +13,12 @@ processes (tests/dist_helper.run_ranks):
   torch+check          the same with ReplicaCheck(every=1): fingerprint_many fallback pass
 
 It prints the time per step of each loop on rank 0 (minimum over rounds by default: the best
-estimate of the undisturbed time on a shared machine; --stat median for the typical one), the ratios check / anchor, and the
-bytes ReplicaCheck sends and receives per rank per step next to DDP's gradient all-reduce
-payload. Target (issue 14): overhead ~0, i.e. a ratio close to 1.
+estimate of the undisturbed time on a shared machine; --stat median for the typical one), the
+ratios check / anchor, and the bytes ReplicaCheck sends and receives per rank per step next to
+DDP's gradient all-reduce payload. Target (issue 14): overhead ~0, i.e. a ratio close to 1.
 
-    python benchmarks/bench_replica.py [--steps 10] [--rounds 15] [--stat min|median] [--arch cnn|mlp] [--json out.json]
+    python benchmarks/bench_replica.py [--steps 10] [--rounds 15] [--stat min|median] [--arch cnn|mlp]
+                                       [--json out.json]
 """
 from __future__ import annotations
 
@@ -129,7 +130,8 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"machine": _timing.machine(),
                        "arch": args.arch, "stat": args.stat, "ranks": results, "ratios": {
-                           "check_vs_fp": ratio_fp, "defer_vs_fp": ratio_defer, "check_vs_nofp": ratio_all, "torch_check_vs_torch": ratio_torch}},
+                           "check_vs_fp": ratio_fp, "defer_vs_fp": ratio_defer, "check_vs_nofp": ratio_all,
+                           "torch_check_vs_torch": ratio_torch}},
                       f, indent=2)
 
 

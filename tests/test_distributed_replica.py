@@ -100,7 +100,8 @@ def layout_change(rank, world):
         p.grad = None
     bad = check.check(99)
     p.grad = grad
-    return {"bad": [[m.name, m.groups] for m in bad], "after": len(check.check(100)), "after_zero_grad": after_zero_grad,
+    return {"bad": [[m.name, m.groups] for m in bad], "after": len(check.check(100)),
+            "after_zero_grad": after_zero_grad,
             "history": [s for s, _ in check.history]}
 
 
@@ -223,7 +224,8 @@ def _cuda_rank_main(rank, world):
         for step in range(1, STEPS + 1):
             if step == 3 and rank == 1:
                 flip_one_bit(dict(model.module.named_parameters())[FLIPPED])
-            x, y = torch.randn(16, 64, generator=data).to(device), torch.randint(0, 10, (16,), generator=data).to(device)
+            x = torch.randn(16, 64, generator=data).to(device)
+            y = torch.randint(0, 10, (16,), generator=data).to(device)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()

@@ -297,7 +297,8 @@ def fingerprint(tensor, *, offset: Optional[int] = None, global_shape: Optional[
     ``name`` is used in error messages.
     """
     if (offset is None) != (global_shape is None):
-        raise ValueError(f"{name}: pass both offset= and global_shape= for a plain local shard, or neither for a DTensor")
+        raise ValueError(f"{name}: pass both offset= and global_shape= for a plain local shard, "
+                         f"or neither for a DTensor")
     if offset is not None:
         if _is_dtensor(tensor):
             raise ValueError(f"{name}: a DTensor knows its place; do not pass offset= or global_shape=")
