@@ -35,8 +35,8 @@ class Mismatch:
 
     ``groups`` are the sets of ranks (global ranks) that hold the same value, largest first;
     ``majority`` is the largest group if it is strictly larger than every other, else None
-    (e.g. 1 vs 1 with two replicas); ``fingerprints`` maps each group's first rank to the
-    fingerprint it holds (None for the layout entry).
+    (e.g. 1 vs 1 with two replicas); ``fingerprints[i]`` is the fingerprint the ranks of
+    ``groups[i]`` hold (None for the entry that reports differing sets of tensors).
     """
 
     name: str
@@ -124,8 +124,8 @@ class ReplicaCheck:
     A hook registered with ``optimizer.register_step_post_hook`` runs the check; ``check(step)``
     runs it explicitly. Each check is a collective (every rank of ``group`` must reach it):
     one all_gather of ``16 * (1 + number of tensors)`` bytes per rank (plus one 16-byte
-    all_gather on the first check and after the tensor set changed). ``remove()`` detaches the
-    hook.
+    all_gather on the first check and after the tensor set changed). ``remove()`` completes a
+    deferred comparison and detaches the hook.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, group=None, every: int = 1,
