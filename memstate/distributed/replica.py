@@ -293,8 +293,8 @@ class ReplicaCheck:
             return {f"rng.{k}": g for k, g in self.rng.items()}
         gens = {"rng.torch.cpu": torch.default_generator}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            i = torch.cuda.current_device()
-            gens[f"rng.torch.cuda:{i}"] = torch.cuda.default_generators[i]
+            # named without the index: each rank's current device is its own (cuda:LOCAL_RANK)
+            gens["rng.torch.cuda"] = torch.cuda.default_generators[torch.cuda.current_device()]
         return gens
 
     def _groups(self, values: List) -> Tuple[Tuple[int, ...], ...]:
