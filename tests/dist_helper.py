@@ -60,3 +60,16 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0):
                 raise RuntimeError(f"rank {r} of {fn.__name__} failed:\n{res['error']}")
             results.append(res["ok"])
         return results
+
+
+def cuda_group(rank: int):
+    """(group, device) for a CUDA variant of a test running under run_ranks: an NCCL group over
+    all ranks with one GPU each when there are enough GPUs, else the gloo default group (None)
+    with every rank on cuda:0 (the CUDA kernels are exercised, the transport is gloo)."""
+    import torch
+
+    world = dist.get_world_size()
+    if torch.cuda.device_count() >= world:
+        torch.cuda.set_device(rank)
+        return dist.new_group(backend="nccl"), torch.device("cuda", rank)
+    return None, torch.device("cuda", 0)
