@@ -265,3 +265,19 @@ def test_cuda_step_under_real_graph_capture_raises():
     with pytest.raises(RuntimeError, match="CUDA graph capture"):
         with torch.cuda.graph(g):
             opt.step()
+
+
+def test_state_fingerprint_after_zero_grad_set_to_none():
+    """Found by ReplicaCheck's author: state_fingerprint() raised AttributeError once the
+    gradients were dropped after the step (zero_grad(set_to_none=True), the default)."""
+    import memstate
+
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = memstate.optim.AdamW([p], lr=0.1, fingerprint=True)
+    p.grad = torch.randn(5, 3)
+    opt.step()
+    before = opt.state_fingerprint()
+    opt.zero_grad()
+    assert p.grad is None
+    after = opt.state_fingerprint()
+    assert after == before and after.shape("grad.0") == (5, 3) and after.dtype("grad.0") == torch.float32

@@ -479,7 +479,9 @@ class FusedOptimizer(Optimizer):
                 fps = self._fingerprints.get(id(p), {})
                 for key, fp in fps.items():
                     if key in ("param", "grad"):
-                        t = p if key == "param" else p.grad
+                        # zero_grad(set_to_none=True) after the step drops the gradient; it had
+                        # the parameter's shape and dtype when it was fingerprinted
+                        t = p.grad if key == "grad" and p.grad is not None else p
                         entries[f"{key}.{index}"] = (fp, t.dtype, tuple(t.shape))
                     else:
                         t = self.state[p][key]
