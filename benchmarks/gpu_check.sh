@@ -7,12 +7,15 @@
 #
 # Time budget (H200, 16 cores): under 6 minutes in all. Every section runs under its own
 # timeout, so a slow one cannot eat the others' time and a partial run still reports:
-#   build 200 s (measured ~2 min of nvcc/g++ on 16 cores; ninja, MAX_JOBS = cores)
-#   tests  75 s (the tests marked `cuda`: CPU == CUDA steps, canonical NaNs on CUDA, mixed
-#               devices, misaligned sources, one sync per step, graph capture; the CPU suite
-#               runs in CI and takes ~5 min on 2 cores, so it is opt-in here)
-#   verify 20 s, bench_fingerprint 20 s, bench_optim 25 s, bench_snapshot 15 s (--quick)
-# = 355 s. After each section one line "SUMMARY <section>: ok|FAILED|TIMEOUT (<s> s) ..." is
+#   build 180 s (estimated ~2 min of nvcc/g++ on 16 cores; ninja, MAX_JOBS = cores)
+#   tests  95 s (the tests marked `cuda`: CPU == CUDA optimizer steps and norms, canonical NaNs
+#               on CUDA, mixed devices, misaligned sources, one sync per step, graph capture,
+#               channels_last/complex parameters, ReplicaCheck / sharded fingerprints / per-rank
+#               snapshots with ranks on the GPU(s); the CPU suite runs in CI and takes ~15 min
+#               on 2 cores, so it is opt-in here)
+#   verify 20 s, bench_fingerprint 20 s, bench_optim 25 s, bench_snapshot 15 s, bench_clip 10 s
+#   (--quick)
+# = 380 s at the limits; a normal run is well under 6 minutes. After each section one line "SUMMARY <section>: ok|FAILED|TIMEOUT (<s> s) ..." is
 # printed and appended to $OUT/summary.txt, so whatever ran is reported even if the machine
 # goes away mid-run.
 #
@@ -59,7 +62,7 @@ section() {
   return "$rc"
 }
 
-SUMMARY_GREP="error|Error" section build 200 $PY setup.py build_ext --inplace || {
+SUMMARY_GREP="error|Error" section build 180 $PY setup.py build_ext --inplace || {
   echo "build failed; see $LOG"
   exit 1
 }
@@ -68,7 +71,7 @@ if [ "${MEMSTATE_GPU_CHECK_FULL:-0}" = 1 ]; then
   SUMMARY_GREP="passed|failed|error" section tests-all 900 $PY -m pytest -q -rs tests -p no:cacheprovider \
     --junitxml="$OUT/tests.xml"
 else
-  SUMMARY_GREP="passed|failed|error" section tests-cuda 75 $PY -m pytest -q -rs -m cuda tests -p no:cacheprovider \
+  SUMMARY_GREP="passed|failed|error" section tests-cuda 95 $PY -m pytest -q -rs -m cuda tests -p no:cacheprovider \
     --junitxml="$OUT/tests.xml"
 fi
 SUMMARY_GREP="verify" section verify 20 $PY -m memstate verify
@@ -78,6 +81,7 @@ SUMMARY_GREP="cuda +adamw.*memstate " section bench_optim 25 $PY benchmarks/benc
   --json "$OUT/bench_optim.json"
 SUMMARY_GREP="cuda" section bench_snapshot 15 $PY benchmarks/bench_snapshot.py --device cuda --quick \
   --json "$OUT/bench_snapshot.json"
+SUMMARY_GREP="SUMMARY bench_clip" section bench_clip 10 $PY benchmarks/bench_clip.py --device cuda --quick
 echo "== done, status $status" | tee -a "$LOG"
 cat "$SUMMARY"
 exit $status
