@@ -535,8 +535,6 @@ def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = 
     disagreement, hashes), then the statistics recomputed from the replayed records against
     the card's ``results``. ``seeds``: replay only these (the statistics check, which needs
     every seed, is then skipped; the CLI says so)."""
-    from memstate.experiment import ExperimentResult
-
     exp = experiment_from_card(card, progress=progress)
     recorded = {r["seed"]: r for r in card["seeds"]}
     chosen = list(exp.seeds) if seeds is None else list(seeds)
@@ -550,11 +548,18 @@ def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = 
         if problem:
             return problem
         fresh.append(rec)
-    if seeds is None:
-        recomputed = json.loads(json.dumps(ExperimentResult(exp.config(), fresh).results_json()))
-        diff = first_difference(card["results"], recomputed)
-        if diff:
-            path, old, new = diff
-            return (f"statistics: results.{'.'.join(str(p) for p in path)}: card says {_short(old)}, "
-                    f"recomputed from the replayed seeds {_short(new)}")
+    return statistics_mismatch(card, exp, fresh) if seeds is None else None
+
+
+def statistics_mismatch(card: dict, exp, fresh: List[dict]) -> Optional[str]:
+    """The first difference between the card's ``results`` and the statistics recomputed from
+    ``fresh``, the replayed records of every seed in config order (None if they are equal)."""
+    from memstate.experiment import ExperimentResult
+
+    recomputed = json.loads(json.dumps(ExperimentResult(exp.config(), fresh).results_json()))
+    diff = first_difference(card["results"], recomputed)
+    if diff:
+        path, old, new = diff
+        return (f"statistics: results.{'.'.join(str(p) for p in path)}: card says {_short(old)}, "
+                f"recomputed from the replayed seeds {_short(new)}")
     return None

@@ -1,0 +1,1 @@
+"""memstate on torch.distributed (torchrun, c10d; gloo on CPU, NCCL on GPU)."""
