@@ -156,7 +156,12 @@ class Session:
         return next((e for e in self.all_gather(error) if e), None)
 
     def say(self, text: str) -> None:
-        print(f"[rank {self.rank}/{self.world}] {text}", flush=True)
+        """One line on stdout, prefixed with the rank, written in one call: ranks share the pipe, and
+        print() under torchrun's unbuffered ``python -u`` writes the text and the newline apart."""
+        import sys
+
+        sys.stdout.write(f"[rank {self.rank}/{self.world}] {text}\n")
+        sys.stdout.flush()
 
 
 def _failure(session: Session, what: str) -> str:
