@@ -263,21 +263,22 @@ def _prepare_run(args):
     return cfg, exp, out
 
 
-def _launch_ranks(args, command: str, hint: str = "") -> Optional[int]:
-    """``--nproc N``: outside a launch, starts N ranks running this same command line under torch's
-    elastic launcher and returns rank 0's exit code. None when this process does the work itself:
-    no ``--nproc``, or a rank of a launch of that size. Exit 2 for an ``--nproc`` that disagrees
-    with the launch this process runs under."""
+def _nproc_refused(args, command: str) -> bool:
+    """True (after one line on stderr) when ``--nproc`` disagrees with the launch this process
+    already runs under (``launch.check_nproc``)."""
     from memstate.distributed import launch
 
-    if args.nproc is None:
-        return None
-    problem = launch.check_nproc(args.nproc)
+    problem = launch.check_nproc(args.nproc) if args.nproc is not None else None
     if problem:
         print(f"memstate {command}: {problem}", file=sys.stderr)
-        return 2
-    if launch.launched():
-        return None
+    return bool(problem)
+
+
+def _launch_ranks(args, command: str, hint: str = "") -> int:
+    """``--nproc N`` outside a launch: runs this same command line as N ranks under torch's
+    elastic launcher and returns rank 0's exit code (1, with ``hint``, if a rank failed first)."""
+    from memstate.distributed import launch
+
     code = launch.launch(getattr(args, "argv", sys.argv[1:]), args.nproc)
     if code is None:
         print(f"memstate {command}: a rank failed and the launcher stopped the others" + (f"; {hint}" if hint else ""),
@@ -290,6 +291,8 @@ def cmd_run(args) -> int:
     from memstate.distributed import launch
     from memstate.experiment import ConfigError
 
+    if _nproc_refused(args, "run"):
+        return 2
     if args.nproc is not None and not launch.launched():
         try:  # usage errors: exit 2 here, before any rank starts
             _, _, out = _prepare_run(args)
@@ -297,9 +300,6 @@ def cmd_run(args) -> int:
             print(f"memstate run: {e}", file=sys.stderr)
             return 2
         return _launch_ranks(args, "run", f"finished seeds are in {out}/seeds; continue with --resume {out}")
-    code = _launch_ranks(args, "run")
-    if code is not None:
-        return code
     if not launch.launched():
         return _run(args, None)
     with launch.Session() as session:
@@ -405,9 +405,10 @@ def cmd_replay(args) -> int:
         return 2
     from memstate.distributed import launch
 
-    code = _launch_ranks(args, "replay")
-    if code is not None:
-        return code
+    if _nproc_refused(args, "replay"):
+        return 2
+    if args.nproc is not None and not launch.launched():
+        return _launch_ranks(args, "replay")
     if launch.launched():
         with launch.Session() as session:
             problem = launch.replay(card, session, seeds=seeds)

@@ -5,9 +5,10 @@
 
 ``--nproc N`` starts torch's elastic launcher (``torch.distributed.run``, i.e. torchrun
 ``--standalone --nproc-per-node N``) in the calling process and returns rank 0's exit code.
-Multi-node runs use torchrun itself (``--nnodes``, ``--rdzv-endpoint``); a run's seed files are
-written where each rank runs, and rank 0 also writes every gathered record into its own
-``seeds/``, so a shared file system is not needed.
+Multi-node runs use torchrun itself (``--nnodes``, ``--rdzv-endpoint``). Each rank writes its
+seed files where it runs and rank 0 also writes every gathered record into its own ``seeds/``,
+so the card is complete without a shared file system; ``--resume`` needs the run directory on
+every node (a shared file system).
 
 Seed assignment: the seeds still to run, in the configuration's order, are dealt round-robin,
 the j-th to rank ``j % WORLD_SIZE`` (``assign``). In a fresh run that is seed index i -> rank
@@ -258,8 +259,11 @@ def launch(argv: Sequence[str], nproc: int) -> Optional[int]:
     """Runs ``python -m memstate ARGV`` as ``nproc`` ranks on this machine under torch's elastic
     launcher (what ``torchrun --standalone --nproc-per-node NPROC -m memstate ARGV`` does) and
     returns rank 0's exit code, or None if rank 0 did not exit by itself (another rank failed
-    first and the launcher stopped the rest). The workers see ``--nproc`` in ARGV too:
-    ``check_nproc`` accepts it there, since they run under a launch of that size."""
+    first and the launcher stopped the rest); 128 + the signal's number when this process is
+    interrupted (Ctrl-C: 130), after the launcher has stopped the ranks. The workers see
+    ``--nproc`` in ARGV too: ``check_nproc`` accepts it there, since they run under a launch of
+    that size."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -270,4 +274,6 @@ def launch(argv: Sequence[str], nproc: int) -> Optional[int]:
     except ChildFailedError as e:
         rank0: Any = e.failures.get(0)
         return rank0.exitcode if rank0 is not None and rank0.exitcode > 0 else None
+    except SignalException as e:
+        return 128 + int(e.sigval)
     return 0
