@@ -598,6 +598,15 @@ def _differing(a: dict, b: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def replay_experiment(card: dict, progress: bool = False, allow_changed_task: bool = False):
+    """The Experiment that replays ``card``: its task imported, the source hash checked
+    (``TaskChangedError`` unless ``allow_changed_task``) and every configuration key compared
+    with what the imported task gives (``CardError``), before anything trains."""
+    exp = experiment_from_card(card, progress=progress, allow_changed_task=allow_changed_task)
+    _compare_config("card", card["config"], exp)
+    return exp
+
+
 def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = None,
            allow_changed_task: bool = False) -> Optional[str]:
     """Re-runs the card's experiment and returns the first mismatch, or None if everything the
@@ -610,10 +619,7 @@ def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = 
     script) and the card's configuration is checked against it before anything trains:
     ``TaskChangedError`` if its source file changed (unless ``allow_changed_task``),
     ``CardError`` if the task gives a different configuration."""
-    from memstate.experiment import ExperimentResult
-
-    exp = experiment_from_card(card, progress=progress, allow_changed_task=allow_changed_task)
-    _compare_config("card", card["config"], exp)
+    exp = replay_experiment(card, progress=progress, allow_changed_task=allow_changed_task)
     recorded = {r["seed"]: r for r in card["seeds"]}
     chosen = list(exp.seeds) if seeds is None else list(seeds)
     for s in chosen:
@@ -626,11 +632,18 @@ def replay(card: dict, progress: bool = False, seeds: Optional[Sequence[int]] = 
         if problem:
             return problem
         fresh.append(rec)
-    if seeds is None:
-        recomputed = json.loads(json.dumps(ExperimentResult(exp.config(), fresh).results_json()))
-        diff = first_difference(card["results"], recomputed)
-        if diff:
-            path, old, new = diff
-            return (f"statistics: results.{'.'.join(str(p) for p in path)}: card says {_short(old)}, "
-                    f"recomputed from the replayed seeds {_short(new)}")
+    return statistics_mismatch(card, exp, fresh) if seeds is None else None
+
+
+def statistics_mismatch(card: dict, exp, fresh: List[dict]) -> Optional[str]:
+    """The first difference between the card's ``results`` and the statistics recomputed from
+    ``fresh``, the replayed records of every seed in config order (None if they are equal)."""
+    from memstate.experiment import ExperimentResult
+
+    recomputed = json.loads(json.dumps(ExperimentResult(exp.config(), fresh).results_json()))
+    diff = first_difference(card["results"], recomputed)
+    if diff:
+        path, old, new = diff
+        return (f"statistics: results.{'.'.join(str(p) for p in path)}: card says {_short(old)}, "
+                f"recomputed from the replayed seeds {_short(new)}")
     return None

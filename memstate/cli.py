@@ -9,6 +9,10 @@
     memstate diff TRAIL_A TRAIL_B      first step and tensors where two audit trails differ
     memstate info                      versions, build, devices and determinism settings
     memstate demo                      a short tour of fingerprints, optimizers and snapshots
+
+    run and replay also run as ranks of a torchrun launch, the seeds split across them
+    (``torchrun --nproc-per-node N -m memstate run CONFIG.toml``, or ``--nproc N``);
+    see memstate/distributed/launch.py
 """
 from __future__ import annotations
 
@@ -259,33 +263,103 @@ def _prepare_run(args):
     return cfg, exp, out
 
 
+def _nproc_refused(args, command: str) -> bool:
+    """True (after one line on stderr) when ``--nproc`` disagrees with the launch this process
+    already runs under (``launch.check_nproc``)."""
+    from memstate.distributed import launch
+
+    problem = launch.check_nproc(args.nproc) if args.nproc is not None else None
+    if problem:
+        print(f"memstate {command}: {problem}", file=sys.stderr)
+    return bool(problem)
+
+
+def _launch_ranks(args, command: str, hint: str = "") -> int:
+    """``--nproc N`` outside a launch: runs this same command line as N ranks under torch's
+    elastic launcher and returns rank 0's exit code (1, with ``hint``, if a rank failed first)."""
+    from memstate.distributed import launch
+
+    code = launch.launch(getattr(args, "argv", sys.argv[1:]), args.nproc)
+    if code is None:
+        print(f"memstate {command}: a rank failed and the launcher stopped the others" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
+        return 1
+    return code
+
+
 def cmd_run(args) -> int:
+    from memstate.distributed import launch
+    from memstate.experiment import ConfigError
+
+    if _nproc_refused(args, "run"):
+        return 2
+    if args.nproc is not None and not launch.launched():
+        try:  # usage errors: exit 2 here, before any rank starts
+            _, _, out = _prepare_run(args)
+        except (UsageError, ConfigError) as e:
+            print(f"memstate run: {e}", file=sys.stderr)
+            return 2
+        return _launch_ranks(args, "run", f"finished seeds are in {out}/seeds; continue with --resume {out}")
+    if not launch.launched():
+        return _run(args, None)
+    with launch.Session() as session:
+        code = _run(args, session)
+    return code if session.main else 0  # the outcome is rank 0's to report (launch's docstring)
+
+
+def _run(args, session) -> int:
+    """``memstate run`` in this process: alone (``session`` None), or as one rank of a launch,
+    running its share of the seeds; rank 0 then writes the card and the report."""
     import json
 
     from memstate.card import make_card, write_card
+    from memstate.distributed import launch
     from memstate.experiment import ConfigError, _atomic_json
     from memstate.report import write_report
 
+    main = session is None or session.main
+    error = None
     try:
         cfg, exp, out = _prepare_run(args)
     except (UsageError, ConfigError) as e:
-        print(f"memstate run: {e}", file=sys.stderr)
+        error = f"memstate run: {e}"
+    if session is not None:
+        error = session.first_error(error)  # every rank stops if one cannot start
+    if error:
+        if main:
+            print(error, file=sys.stderr)
         return 2
-    if args.force and os.path.isdir(out):
-        _clear_run(out)
-    os.makedirs(out, exist_ok=True)
-    saved_cfg = {k: cfg[k] for k in RUN_DEFAULTS}
-    _atomic_json(os.path.join(out, RUN_MARKER), {"config": saved_cfg, "config_hash": exp.config_hash()})
-    print(f"memstate run: {cfg['task']} / {cfg['perturbation']}, t0={cfg['t0']}, window={cfg['window'] or 'default'}, "
-          f"horizon={cfg['horizon']}, seeds={exp.seeds} -> {out}")
+    exp.progress = exp.progress and main
+    if main:
+        if args.force and os.path.isdir(out):
+            _clear_run(out)
+        os.makedirs(out, exist_ok=True)
+        saved_cfg = {k: cfg[k] for k in RUN_DEFAULTS}
+        _atomic_json(os.path.join(out, RUN_MARKER), {"config": saved_cfg, "config_hash": exp.config_hash()})
+        print(f"memstate run: {cfg['task']} / {cfg['perturbation']}, t0={cfg['t0']}, "
+              f"window={cfg['window'] or 'default'}, horizon={cfg['horizon']}, seeds={exp.seeds} -> {out}"
+              + (f" on {session.world} ranks" if session else ""), flush=True)
+    if session is not None:
+        session.barrier()  # the directory is ready (and cleared, with --force) before a rank writes a seed
     try:
-        result = exp.run(out_dir=out, resume=bool(args.resume))
+        if session is None:
+            result = exp.run(out_dir=out, resume=bool(args.resume))
+        else:
+            result = launch.run_experiment(exp, out, bool(args.resume), session)
     except ConfigError as e:
-        print(f"memstate run: {e}", file=sys.stderr)
+        if main:
+            print(f"memstate run: {e}", file=sys.stderr)
         return 2
+    except launch.RankFailed as e:
+        if main:
+            print(f"memstate run: {e}\nfinished seeds are in {out}/seeds; continue with --resume {out}",
+                  file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished seeds are in {out}/seeds; continue with --resume {out}", file=sys.stderr)
         return 130
+    if not main:
+        return 0
     for point in list(result.tables)[::-1]:
         print(result.table(point))
         print()
@@ -332,7 +406,20 @@ def cmd_replay(args) -> int:
     except (CardError, UsageError) as e:
         print(f"memstate replay: {e}", file=sys.stderr)
         return 2
-    problem = replay(card, progress=not args.no_progress, seeds=seeds, allow_changed_task=args.allow_changed_task)
+    from memstate.distributed import launch
+
+    if _nproc_refused(args, "replay"):
+        return 2
+    if args.nproc is not None and not launch.launched():
+        return _launch_ranks(args, "replay")
+    if launch.launched():
+        with launch.Session() as session:
+            problem = launch.replay(card, session, seeds=seeds, allow_changed_task=args.allow_changed_task)
+        if not session.main:
+            return 0  # rank 0 reports the outcome
+    else:
+        problem = replay(card, progress=not args.no_progress, seeds=seeds,
+                         allow_changed_task=args.allow_changed_task)
     if problem:
         print(f"memstate replay: FAIL: {problem}")
         return 1
@@ -462,6 +549,11 @@ def _t0(text: str):
     return "boundary" if text == "boundary" else _nonneg_int(text)
 
 
+NPROC_HELP = ("run on N processes of this machine: starts torch's elastic launcher (torchrun --standalone "
+              "--nproc-per-node N), which deals the seeds to the ranks round-robin; rank 0 writes the output. The "
+              "same as torchrun --nproc-per-node N -m memstate {} ... (see docs/distributed.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memstate", description="Determinism and training-state audit for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -503,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run in DIR with DIR's saved configuration (flags that differ from "
                         "it are refused)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("run"))
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
                                        "1 a mismatch, 2 an unreadable or invalid card)")
@@ -512,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "output says so); without it that is refused with exit 2")
     rp.add_argument("--seeds", metavar="S,S", help="replay only these seeds, e.g. 0,3 (skips the statistics check)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("replay"))
     rp.set_defaults(func=cmd_replay)
     rr = sub.add_parser("report", help="regenerate report.html, its plots and results.csv from a protocol card")
     rr.add_argument("card", help="path of a card.json")
@@ -553,6 +647,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cut = argv.index("--")
         argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what --nproc re-runs on each rank
     if script_args:
         args.script_args = script_args
     try:

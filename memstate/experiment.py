@@ -138,7 +138,8 @@ class Experiment:
             window = horizon) of a task sampling with random reshuffling.
         task_options: keyword options of the task (``memstate.tasks.get(name, **options)``).
         device, threads: where to train, and torch's CPU thread count (part of the config:
-            torch's CPU kernels are bitwise reproducible only for a fixed count).
+            torch's CPU kernels are bitwise reproducible only for a fixed count). Under torchrun
+            a CUDA device means each rank's own, cuda:LOCAL_RANK.
         probe_every: also evaluate the probe every K steps after t0 (the end of the window
             and the horizon are always probed).
         baseline: None or "butterfly" (the chaos-baseline arm).
@@ -273,6 +274,11 @@ class Experiment:
             raise ConfigError(f"device {device!r} asked for, but this torch ({torch.__version__}) sees no CUDA "
                               f"device; use device 'cpu'")
         self.device = device
+        from memstate.distributed.launch import rank_device
+
+        #: where this process trains: ``device``, except under torchrun, where a CUDA device
+        #: means cuda:LOCAL_RANK (each rank its own GPU; the card records ``device`` as given)
+        self.build_device = rank_device(device)
         # torch's own CPU kernels (matmul, convolution, reductions) are bitwise reproducible only
         # for a fixed thread count, so the count is part of the configuration (and the card).
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -332,7 +338,7 @@ class Experiment:
         before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            state = self.task.build(self.seeds[0], device=self.device)
+            state = self.task.build(self.seeds[0], device=self.build_device)
             for step in range(self.t0):
                 self.task.train_step(state, step)
             state.step = self.t0
@@ -441,7 +447,7 @@ class Experiment:
 
         gc.collect()  # free earlier seeds' states: snapshots record every live RngContract
         task = self.task
-        state = task.build(seed, device=self.device)
+        state = task.build(seed, device=self.build_device)
         for step in range(self.t0):
             task.train_step(state, step)
         state.step = self.t0
@@ -484,31 +490,42 @@ class Experiment:
         snap.restore()
         return out
 
-    def run(self, out_dir: Optional[str] = None, resume: bool = False, on_seed=None) -> "ExperimentResult":
-        """Runs every seed (finished seeds are written to out_dir/seeds/ as they finish, so an
-        interrupted run keeps them; resume=True reuses those whose config hash matches this
-        experiment's and raises ConfigError, naming the file, for one that does not)."""
+    def seed_file(self, out_dir: str, seed: int) -> str:
+        """Where ``run`` writes the record of ``seed``: ``out_dir/seeds/seed_{seed}.json``."""
+        return os.path.join(out_dir, "seeds", f"seed_{seed}.json")
+
+    def finished_seed(self, out_dir: str, seed: int) -> Optional[dict]:
+        """The record of ``seed`` that a run left in ``out_dir`` (None if there is none);
+        ConfigError, naming the file, if it is unreadable or belongs to another configuration."""
+        path = self.seed_file(out_dir, seed)
+        if not os.path.isfile(path):
+            return None
+        rec = _read_seed_file(path)
+        want = self.config_hash()
+        if rec.get("config_hash") != want or rec.get("seed") != seed:
+            raise ConfigError(f"{path} belongs to a different configuration (config hash "
+                              f"{rec.get('config_hash')!r}, this run's is {want!r}); not mixing it in")
+        return rec
+
+    def run_seeds(self, seeds: Sequence[int], out_dir: Optional[str] = None, resume: bool = False,
+                  on_seed=None) -> List[dict]:
+        """The records of ``seeds`` (in that order): each seed is run, and written to
+        ``seed_file(out_dir, seed)`` as soon as it finishes, so an interrupted run keeps it;
+        with ``resume=True`` a seed already there (``finished_seed``) is reused instead."""
         records = []
-        seeds_dir = os.path.join(out_dir, "seeds") if out_dir else None
-        if seeds_dir:
-            os.makedirs(seeds_dir, exist_ok=True)
+        if out_dir:
+            os.makedirs(os.path.join(out_dir, "seeds"), exist_ok=True)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(self.seeds), desc=f"{self.task.name}/{self.perturbation}", unit="seed")
-        want = self.config_hash()
-        for seed in self.seeds:
-            path = os.path.join(seeds_dir, f"seed_{seed}.json") if seeds_dir else None
-            if resume and path and os.path.isfile(path):
-                rec = _read_seed_file(path)
-                if rec.get("config_hash") != want or rec.get("seed") != seed:
-                    raise ConfigError(f"{path} belongs to a different configuration (config hash "
-                                      f"{rec.get('config_hash')!r}, this run's is {want!r}); not mixing it in")
-            else:
+            bar = tqdm(total=len(seeds), desc=f"{self.task.name}/{self.perturbation}", unit="seed")
+        for seed in seeds:
+            rec = self.finished_seed(out_dir, seed) if resume and out_dir else None
+            if rec is None:
                 rec = self.run_seed(seed)
-                if path:
-                    _atomic_json(path, rec)
+                if out_dir:
+                    _atomic_json(self.seed_file(out_dir, seed), rec)
             records.append(rec)
             if on_seed:
                 on_seed(rec)
@@ -516,7 +533,14 @@ class Experiment:
                 bar.update(1)
         if bar:
             bar.close()
-        return ExperimentResult(self.config(), records)
+        return records
+
+    def run(self, out_dir: Optional[str] = None, resume: bool = False, on_seed=None) -> "ExperimentResult":
+        """Runs every seed (finished seeds are written to out_dir/seeds/ as they finish, so an
+        interrupted run keeps them; resume=True reuses those whose config hash matches this
+        experiment's and raises ConfigError, naming the file, for one that does not). Under
+        torchrun, ``memstate.distributed.launch.run_experiment`` splits the seeds across ranks."""
+        return ExperimentResult(self.config(), self.run_seeds(self.seeds, out_dir, resume, on_seed))
 
 
 def _butterfly(state) -> Dict[str, Any]:
