@@ -41,6 +41,9 @@ def load():
                 f"memstate._C is stale: it was built from sources {built}, but csrc/ is now "
                 f"{current}; re{_BUILD_HINT}"
             )
+    from memstate import _fake
+
+    _fake.register()  # shapes for torch.compile / FakeTensor tracing
     _C = mod
     return mod
 

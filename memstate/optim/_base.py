@@ -366,12 +366,18 @@ class FusedOptimizer(Optimizer):
                 f"{tuple(p.shape)}, {p.device}"
             )
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """Performs one optimization step (see torch.optim.Optimizer.step).
 
         Everything is checked before anything is modified: a step that raises leaves
         parameters, state and step counters as they were.
+
+        Under ``torch.compile`` the step runs eagerly, outside the graph (one graph break):
+        it is already one fused native call per (device, dtype), and its host-side checks and
+        step counters read values a trace cannot know. The compiled model code around it gives
+        the same bits as eager (tests/test_compile.py).
         """
         loss = None
         if closure is not None:

@@ -1,0 +1,77 @@
+"""Fake (meta) implementations of the ``torch.ops.memstate.*`` ops, for torch.compile and
+FakeTensor tracing: each gives the shape, dtype and device of the op's result without touching
+data, exactly as the native kernels allocate it (checked by ``torch.library.opcheck`` in
+tests/test_compile.py). Mutations are declared in the schemas (csrc/ops.cpp: ``Tensor(a!)[]``).
+
+``increment_steps`` has none: it returns Python floats (the new step counts, read on the host
+to compute bias corrections), which a trace cannot know; it is called only by the optimizers'
+eager ``step()``, which torch.compile runs outside the graph (see memstate/optim/_base.py).
+"""
+from __future__ import annotations
+
+import torch
+
+_REGISTERED = False
+
+
+def _device(*lists) -> torch.device:
+    """Where an op puts its result: the device of its first tensor (CPU for no tensors)."""
+    for ts in lists:
+        for t in ts:
+            return t.device
+    return torch.device("cpu")
+
+
+def _long(shape, device):
+    return torch.empty(shape, dtype=torch.int64, device=device)
+
+
+def register() -> None:
+    """Registers every fake implementation once (called by memstate._ext.load())."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    lib = "memstate::"
+
+    @torch.library.register_fake(lib + "fingerprint")
+    def _fingerprint(tensors):
+        return _long((len(tensors), 2), _device(tensors) if tensors else "cpu")
+
+    @torch.library.register_fake(lib + "fingerprint_sums")
+    def _fingerprint_sums(tensors, first_pairs):
+        return _long((len(tensors), 2), _device(tensors) if tensors else "cpu")
+
+    @torch.library.register_fake(lib + "copy_fingerprint")
+    def _copy_fingerprint(src, dst, fingerprint):
+        dev = _device(src, dst)
+        return _long((len(src), 2), dev) if fingerprint else _long((0,), dev)
+
+    def _optim_result(lists, roles, fingerprint):
+        params = lists[0]
+        if not any(len(ts) for ts in lists):
+            return _long((0,), "cpu")  # an empty call returns before fingerprinting
+        dev = _device(*lists)
+        return _long((len(params), roles, 2), dev) if fingerprint else _long((0,), dev)
+
+    @torch.library.register_fake(lib + "sgd_step")
+    def _sgd_step(params, grads, momentum_buffers, first, lr, momentum, dampening, weight_decay, nesterov,
+                  maximize, fingerprint):
+        roles = 3 if momentum != 0.0 else 2
+        lists = (params, grads, momentum_buffers) if momentum != 0.0 else (params, grads)
+        return _optim_result(lists, roles, fingerprint)
+
+    @torch.library.register_fake(lib + "adam_step")
+    def _adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                   weight_decay, decoupled, amsgrad, maximize, fingerprint):
+        lists = (params, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
+        return _optim_result(lists, 5 if amsgrad else 4, fingerprint)
+
+    @torch.library.register_fake(lib + "nonfinite_any")
+    def _nonfinite_any(tensors):
+        return torch.empty((), dtype=torch.bool, device=_device(tensors) if tensors else "cpu")
+
+    @torch.library.register_fake(lib + "norm_sums")
+    def _norm_sums(tensors, p):
+        return torch.empty((len(tensors) + 1,), dtype=torch.float64, device=_device(tensors) if tensors else "cpu")
+
+    _REGISTERED = True
