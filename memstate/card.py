@@ -498,9 +498,10 @@ def experiment_from_card(card: dict, progress: bool = False, allow_changed_task:
                      device=c["device"], threads=c["threads"], estimand=c["estimand"],
                      probe_every=c["probe_every"], baseline=c["baseline"], progress=progress)
     recorded, fresh = c.get("task_source"), exp.task_source
-    if isinstance(recorded, dict) and isinstance(fresh, dict) and recorded != fresh:
-        same_but_hash = {k: x for k, x in recorded.items() if k != "xxh3"} == \
-            {k: x for k, x in fresh.items() if k != "xxh3"}
+    if isinstance(recorded, dict) and isinstance(fresh, dict) and _canonical(recorded) != _canonical(fresh):
+        # compared as JSON, as the card holds them (a tuple option is a list there)
+        same_but_hash = _canonical({k: x for k, x in recorded.items() if k != "xxh3"}) == \
+            _canonical({k: x for k, x in fresh.items() if k != "xxh3"})
         if not same_but_hash:
             raise CardError(f"{where}: config.task_source: {recorded!r} does not match the imported task "
                             f"({fresh!r})"[:300])

@@ -217,3 +217,22 @@ def test_replay_api_refuses_a_changed_task_file(task_dir):
     with pytest.raises(TaskChangedError, match="has changed since the card was written"):
         replay(card, seeds=[0])
     assert replay(card, seeds=[0], allow_changed_task=True) is None
+
+
+def test_replay_of_a_user_task_with_tuple_options(task_dir):
+    """Found by the distributed replay test: the source identity was compared as Python objects,
+    so a task option that is a tuple (DigitsTask's betas) never equalled the card's JSON list and
+    every replay of such a task was refused as a config mismatch."""
+    import json
+
+    from memstate.card import make_card, read_card, replay
+
+    (task_dir / "tupled.py").write_text("from memstate.tasks import DigitsTask\n\n\nclass Tupled(DigitsTask):\n"
+                                        "    pass\n")
+    Tupled = tasks.import_task_class("tupled:Tupled")
+    exp = Experiment(Tupled(), "reset_momentum", t0=2, horizon=5, seeds=2, window=2, aa_check=False)
+    assert isinstance(exp.task.options["betas"], tuple)
+    path = task_dir / "card.json"
+    path.write_text(json.dumps(make_card(exp.run())))
+    assert replay(read_card(str(path)), seeds=[0]) is None
+    sys.modules.pop("tupled", None)
