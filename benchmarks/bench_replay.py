@@ -24,7 +24,8 @@
     step's digest.
 
     python benchmarks/bench_replay.py [--quick] [--device cpu|cuda] [--branches N] [--steps N]
-                                      [--cards GLOB] [--json out.json]
+                                      [--cards GLOB] [--kernel-card CARD] [--kernel-seeds S,S]
+                                      [--skip a,b,c,d] [--json out.json]
 
 --quick: 10 branches, 200 restore steps, cards replayed for seeds 0 and 1 only (statistics check
 skipped), the kernel-path replay of seed 0 only. On CUDA (``--device cuda``) (a) and (b) run on
@@ -299,6 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cards", default="examples/results/*/card.json", help="(c) cards to replay (a glob)")
     ap.add_argument("--kernel-card", default="examples/results/momentum_reset/card.json",
                     help="(d) the card replayed under the other kernel path")
+    ap.add_argument("--kernel-seeds", help="(d) replay only these seeds, e.g. 0,1,2 (default all; 0 with --quick)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args(argv)
@@ -342,7 +344,8 @@ def main(argv=None) -> int:
         elif not os.path.exists(card):
             print(f"(d) {args.kernel_card} missing: SKIPPED")
         else:
-            r = out["kernel_replay"] = replay_kernel_path(card, seeds=[0] if args.quick else None)
+            kseeds = [int(x) for x in args.kernel_seeds.split(",")] if args.kernel_seeds else [0] if args.quick else None
+            r = out["kernel_replay"] = replay_kernel_path(card, seeds=kseeds)
             ok &= r["problem"] is None
             print(f"(d) {r['card']} replayed with ISA {r['isa']}, memstate ops at {r['memstate_threads']} threads, "
                   f"64-byte / 8-element work items (torch at {r['torch_threads']} thread, seeds {r['seeds']}): "

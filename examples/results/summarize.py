@@ -96,6 +96,29 @@ def chaos_table(card):
     return out
 
 
+def over_time(card, metrics=None):
+    """The single-factor effect at every probe step (paired t CI, not Holm-adjusted: exploratory)."""
+    if card["config"]["perturbation"].count("+") or not card["config"].get("probe_every"):
+        return []
+    metrics = [m for m in (metrics or card["config"]["metrics"]) if m in card["config"]["metrics"]]
+    steps = sorted(int(s) for s in card["seeds"][0]["arms"]["control"]["probes"])
+    t0 = card["config"]["t0"]
+    out = ["Effect at every probe step (paired t 95% CI per step, not adjusted for the many steps: a "
+           "description of the trajectory, not a test):", "",
+           "| after step (t0 + k) | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for st in steps:
+        cells = []
+        for m in metrics:
+            a = paired_ate([r["arms"]["control"]["probes"][str(st)][m] for r in card["seeds"]],
+                           [r["arms"]["treatment"]["probes"][str(st)][m] for r in card["seeds"]])
+            est, lo, hi = format_estimate(a.ate, a.ci[0], a.ci[1])
+            excl = not a.degenerate and (a.ci[0] > 0 or a.ci[1] < 0)
+            cells.append(f"{est} [{lo}, {hi}]{' †' if excl else ''}")
+        out.append(f"| {st} (+{st - t0}) | " + " | ".join(cells) + " |")
+    out += ["", "† the per-step CI excludes 0.", ""]
+    return out
+
+
 def power_notes(card):
     """seeds_needed for every effect (observed |ATE| and sd, 80% power), not only the card's notes."""
     out = []
@@ -179,7 +202,7 @@ def order_proof(card, seed=0):
 def summary(name):
     card = load(name)
     c = card["config"]
-    head = [f"### {name}", "",
+    head = [f"#### {name}", "",
             f"task {c['task']} {json.dumps(c['task_options'])}, perturbation `{c['perturbation']}` "
             f"{json.dumps(c['perturbation_params']) if c['perturbation_params'] else ''}, t0 {c['t0']}, hold window "
             f"{card['seeds'][0]['window']} steps ({json.dumps(card['seeds'][0]['windows'])}), horizon {c['horizon']}, "
@@ -187,7 +210,7 @@ def summary(name):
     for k, e in card["results"]["effects"].items():
         head.append(f"- {k}: `{e['text']}`")
     head.append("")
-    return "\n".join(head + ate_table(card, "early") + [""] + ate_table(card, "final") + [""] + chaos_table(card)
+    return "\n".join(head + ate_table(card, "early") + [""] + ate_table(card, "final") + [""] + over_time(card, ["accuracy", "loss", "ece"]) + chaos_table(card)
                      + ["", power_notes(card), ""] + hashes(card) + [""] + order_proof(card))
 
 
