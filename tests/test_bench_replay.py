@@ -43,3 +43,18 @@ def test_kernel_path_is_put_back_and_traces_agree(bench):
     assert (C.cpu_isa(), C.fingerprint_chunk_bytes(), C.optim_chunk_elems(), _ext.ops) == before
     planted = bench.large_state_trace(steps=4, width=64, plant_at=3)  # after the mid-run restore
     assert planted[:3] == ref[:3] and planted[3] != ref[3]
+
+
+def test_order_primitive_record_is_reproducible_across_processes():
+    """What a card records of an order primitive must not depend on the contract's per-process
+    registry name (cards of policy_switch / order_window_swap failed `memstate replay` on it)."""
+    from memstate import perturb, tasks
+
+    task = tasks.get("digits")
+    records = []
+    for _ in range(2):  # two states of seed 0: two contracts with different random names
+        state = task.build(0)
+        state.step = 30
+        records.append(perturb.apply_checked("order_window_swap", state).params)
+    assert state.contract.name not in records[1]["rng"]
+    assert records[0] == records[1]
