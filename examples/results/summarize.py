@@ -238,7 +238,9 @@ def plots(out_dir):
                     sig = row["p_holm"] is not None and row["p_holm"] < 1 - a["level"]
                     ax.errorbar(a["ate"], y, xerr=[[a["ate"] - a["ci"][0]], [a["ci"][1] - a["ate"]]], fmt="o",
                                 color=("C3" if sig else "C0"), ms=4, capsize=3, mfc="white" if point == "early" else None)
-                    labels.append(f"{name}: {row['effect'] if len(t['rows']) > 3 else ''} {point}".replace("  ", " "))
+                    effect = row["effect"] if "+" in card["config"]["perturbation"] else ""
+                    label = f"{name}: {effect} {point}".replace("  ", " ").replace("factorial_momentum_order", "factorial")
+                    labels.append(label.replace("reset_momentum", "momentum").replace("order_window_swap", "swap"))
                     y += 1
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
