@@ -158,7 +158,7 @@ def order_proof(card, seed=0):
 
     import torch
 
-    from memstate import perturb, tasks
+    from memstate import perturb
     from memstate.experiment import Experiment
 
     c = card["config"]
@@ -238,9 +238,13 @@ def plots(out_dir):
                     sig = row["p_holm"] is not None and row["p_holm"] < 1 - a["level"]
                     ax.errorbar(a["ate"], y, xerr=[[a["ate"] - a["ci"][0]], [a["ci"][1] - a["ate"]]], fmt="o",
                                 color=("C3" if sig else "C0"), ms=4, capsize=3, mfc="white" if point == "early" else None)
-                    effect = row["effect"] if "+" in card["config"]["perturbation"] else ""
-                    label = f"{name}: {effect} {point}".replace("  ", " ").replace("factorial_momentum_order", "factorial")
-                    labels.append(label.replace("reset_momentum", "momentum").replace("order_window_swap", "swap"))
+                    if "+" in card["config"]["perturbation"]:  # factorial: short effect names
+                        effect = row["effect"].split()[0]
+                        effect += {"main reset_momentum": " momentum", "main order_window_swap": " swap"}.get(
+                            row["effect"], "")
+                        labels.append(f"factorial: {effect} {point}")
+                    else:
+                        labels.append(f"{name}: {point}")
                     y += 1
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
@@ -249,7 +253,7 @@ def plots(out_dir):
         ax.invert_yaxis()
         ax.set_xlabel("effect: memory kept minus perturbed, 95% t CI")
     fig.suptitle("Every effect of the issue-15 runs (red: significant after Holm; open marker: early probe)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.02, 0, 1, 1))
     fig.savefig(os.path.join(out_dir, "experiments_effects.png"), dpi=90)
     plt.close(fig)
 
