@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 
 from memstate.stats import format_estimate, paired_ate, seeds_needed  # noqa: E402
 
-ORDER = ["momentum_reset_pilot", "momentum_reset", "momentum_reset_beta099", "reset_adam_adamw", "order_rr_vs_wr",
+ORDER = ["momentum_reset_pilot", "momentum_reset", "momentum_reset_44", "momentum_reset_beta099", "reset_adam_adamw", "order_rr_vs_wr",
          "order_window_swap", "phase_boundary", "factorial_momentum_order", "commute_pair"]
 
 
@@ -259,7 +259,7 @@ def plots(out_dir):
 
     # 2. momentum reset, beta 0.9 vs 0.99: the effect over time on loss and accuracy (mean and 95% t CI)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name, color in (("momentum_reset", "C0"), ("momentum_reset_beta099", "C1")):
+    for name, color in (("momentum_reset_44", "C0"), ("momentum_reset_beta099", "C1")):
         if not os.path.exists(os.path.join(HERE, name, "card.json")):
             continue
         card = load(name)
