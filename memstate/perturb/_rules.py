@@ -113,8 +113,10 @@ def _generator(state: TrainState, name: str, start: int, p: Dict[str, Any]) -> t
         p["rng"] = f"seed {int(seed)}"
         return torch.Generator().manual_seed(int(seed))
     if state.contract is not None:
-        label = getattr(state.contract, "name", "?")
-        p["rng"] = f"contract {label!r} perturb(primitive={_name_index(name)}, step={start})"
+        # the root seed, not the contract's registry name: the name carries a per-process random
+        # suffix, and this description is recorded in cards that replay compares exactly
+        p["rng"] = (f"contract root_seed {getattr(state.contract, 'root_seed', '?')} "
+                    f"perturb(primitive={_name_index(name)}, step={start})")
         return state.contract.generator("perturb", primitive=_name_index(name), step=start)
     import xxhash
 
