@@ -7,15 +7,17 @@
 #
 # Time budget (H200, 16 cores): under 6 minutes in all. Every section runs under its own
 # timeout, so a slow one cannot eat the others' time and a partial run still reports:
-#   build 180 s (estimated ~2 min of nvcc/g++ on 16 cores; ninja, MAX_JOBS = cores)
+#   build 170 s (estimated ~2 min of nvcc/g++ on 16 cores; ninja, MAX_JOBS = cores)
 #   tests  95 s (the tests marked `cuda`: CPU == CUDA optimizer steps and norms, canonical NaNs
 #               on CUDA, mixed devices, misaligned sources, one sync per step, graph capture,
 #               channels_last/complex parameters, ReplicaCheck / sharded fingerprints / per-rank
 #               snapshots with ranks on the GPU(s); the CPU suite runs in CI and takes ~15 min
 #               on 2 cores, so it is opt-in here)
-#   verify 20 s, bench_fingerprint 20 s, bench_optim 25 s, bench_snapshot 15 s, bench_clip 10 s
+#   verify 20 s, bench_fingerprint 20 s, bench_optim 25 s, bench_snapshot 15 s, bench_clip 10 s,
+#   bench_replay 60 s (100 CUDA branches + 1,000 restored steps, --quick), bench_overhead 40 s
 #   (--quick)
-# = 380 s at the limits; a normal run is well under 6 minutes. After each section one line "SUMMARY <section>: ok|FAILED|TIMEOUT (<s> s) ..." is
+# = 470 s at the limits (run it with timeout_s ~500); sections finish well before their limits,
+# so a normal run is expected under 6 minutes. The important sections run first. After each section one line "SUMMARY <section>: ok|FAILED|TIMEOUT (<s> s) ..." is
 # printed and appended to $OUT/summary.txt, so whatever ran is reported even if the machine
 # goes away mid-run.
 #
@@ -62,7 +64,7 @@ section() {
   return "$rc"
 }
 
-SUMMARY_GREP="error|Error" section build 180 $PY setup.py build_ext --inplace || {
+SUMMARY_GREP="error|Error" section build 170 $PY setup.py build_ext --inplace || {
   echo "build failed; see $LOG"
   exit 1
 }
@@ -82,6 +84,10 @@ SUMMARY_GREP="cuda +adamw.*memstate " section bench_optim 25 $PY benchmarks/benc
 SUMMARY_GREP="cuda" section bench_snapshot 15 $PY benchmarks/bench_snapshot.py --device cuda --quick \
   --json "$OUT/bench_snapshot.json"
 SUMMARY_GREP="SUMMARY bench_clip" section bench_clip 10 $PY benchmarks/bench_clip.py --device cuda --quick
+SUMMARY_GREP="bench_replay:" section bench_replay 60 $PY benchmarks/bench_replay.py --device cuda --quick --skip c,d \
+  --json "$OUT/bench_replay.json"
+SUMMARY_GREP="cuda +arm" section bench_overhead 40 $PY benchmarks/bench_overhead.py --device cuda --quick \
+  --json "$OUT/bench_overhead.json"
 echo "== done, status $status" | tee -a "$LOG"
 cat "$SUMMARY"
 exit $status
