@@ -22,6 +22,17 @@ def _device(*lists) -> torch.device:
     return torch.device("cpu")
 
 
+def _refuse_real_meta(op: str, **lists) -> None:
+    """Registering a fake also registers a Meta kernel, so a call with real meta tensors (not
+    FakeTensors of a trace) would reach it and "succeed"; refuse it as the native kernels do."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if t.is_meta and not isinstance(t, FakeTensor):
+                raise RuntimeError(f"memstate.{op}: {name}[{i}] is a meta tensor; it has no data to read or write")
+
+
 def _long(shape, device):
     return torch.empty(shape, dtype=torch.int64, device=device)
 
@@ -35,14 +46,17 @@ def register() -> None:
 
     @torch.library.register_fake(lib + "fingerprint")
     def _fingerprint(tensors):
+        _refuse_real_meta("fingerprint", tensors=tensors)
         return _long((len(tensors), 2), _device(tensors) if tensors else "cpu")
 
     @torch.library.register_fake(lib + "fingerprint_sums")
     def _fingerprint_sums(tensors, first_pairs):
+        _refuse_real_meta("fingerprint_sums", tensors=tensors)
         return _long((len(tensors), 2), _device(tensors) if tensors else "cpu")
 
     @torch.library.register_fake(lib + "copy_fingerprint")
     def _copy_fingerprint(src, dst, fingerprint):
+        _refuse_real_meta("copy_fingerprint", src=src, dst=dst)
         dev = _device(src, dst)
         return _long((len(src), 2), dev) if fingerprint else _long((0,), dev)
 
@@ -56,6 +70,7 @@ def register() -> None:
     @torch.library.register_fake(lib + "sgd_step")
     def _sgd_step(params, grads, momentum_buffers, first, lr, momentum, dampening, weight_decay, nesterov,
                   maximize, fingerprint):
+        _refuse_real_meta("sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
         roles = 3 if momentum != 0.0 else 2
         lists = (params, grads, momentum_buffers) if momentum != 0.0 else (params, grads)
         return _optim_result(lists, roles, fingerprint)
@@ -63,15 +78,19 @@ def register() -> None:
     @torch.library.register_fake(lib + "adam_step")
     def _adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
                    weight_decay, decoupled, amsgrad, maximize, fingerprint):
+        _refuse_real_meta("adam_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                          max_exp_avg_sqs=max_exp_avg_sqs)
         lists = (params, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
         return _optim_result(lists, 5 if amsgrad else 4, fingerprint)
 
     @torch.library.register_fake(lib + "nonfinite_any")
     def _nonfinite_any(tensors):
+        _refuse_real_meta("nonfinite_any", tensors=tensors)
         return torch.empty((), dtype=torch.bool, device=_device(tensors) if tensors else "cpu")
 
     @torch.library.register_fake(lib + "norm_sums")
     def _norm_sums(tensors, p):
+        _refuse_real_meta("norm_sums", tensors=tensors)
         return torch.empty((len(tensors) + 1,), dtype=torch.float64, device=_device(tensors) if tensors else "cpu")
 
     _REGISTERED = True
