@@ -617,3 +617,51 @@ def test_cuda_close_to_torch(name, hp):
     run(om, pm, grads)
     run(ot, pt, grads)
     assert_close_to_torch(pm, om, pt, ot, RTOL32, ATOL32, name)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+def test_ops_refuse_bad_arguments_naming_them():
+    ops = _ext.ops()
+    p, g, s = [torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match=r"memstate.lion_step: exp_avgs has 0 tensors"):
+        ops.lion_step(p, g, [], 1e-4, 0.9, 0.99, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"memstate.adagrad_step: state_sums\[0\] has dtype"):
+        ops.adagrad_step(p, g, [torch.zeros(3, dtype=torch.float64)], [1.0], 0.1, 0.0, 1e-10, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"memstate.adagrad_step: steps\[0\] = 0 must be >= 1"):
+        ops.adagrad_step(p, g, s, [0.0], 0.1, 0.0, 1e-10, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"memstate.rmsprop_step: grad_avgs\[0\] has shape"):
+        ops.rmsprop_step(p, g, s, [], [torch.zeros(4)], 0.1, 0.99, 1e-8, 0.0, 0.0, True, False, False)
+    with pytest.raises(RuntimeError, match=r"memstate.rmsprop_step: momentum_buffers has 0 tensors"):
+        ops.rmsprop_step(p, g, s, [], [], 0.1, 0.99, 1e-8, 0.0, 0.9, False, False, False)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] is the same memory as params\[0\]"):
+        ops.lion_step(p, g, p, 1e-4, 0.9, 0.99, 0.0, False, False)  # the param is its own momentum
+    assert torch.equal(p[0], torch.zeros(3)) and torch.equal(s[0], torch.zeros(3))
+    # momentum == 0 ignores momentum_buffers, centered=False ignores grad_avgs (as sgd_step)
+    ops.rmsprop_step(p, g, s, [torch.zeros(5)], [torch.zeros(5)], 0.1, 0.99, 1e-8, 0.0, 0.0, False, False, False)
+
+
+def test_bad_state_is_refused_before_anything_changes():
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    o = mo.Adagrad([p, q])
+    o.state[q]["sum"] = torch.zeros(5)
+    p.grad, q.grad = torch.ones(3), torch.ones(2)
+    with pytest.raises(ValueError, match=r"state 'sum' of parameter 1"):
+        o.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and float(o.state[p]["step"]) == 0
+
+
+@pytest.mark.parametrize("name, kw", [("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True)),
+                                      ("Adagrad", dict(lr=5e-2, lr_decay=0.1)), ("Lion", dict(lr=1e-3))])
+def test_deepcopy_steps_identically(name, kw):
+    import copy
+    init = make_init(SHAPES[:4], seed=38)
+    grads = make_grads(SHAPES[:4], 4, seed=39)
+    pa = leaves(init)
+    a = run(MS[name](pa, fingerprint=True, **kw), pa, grads[:2])
+    b = copy.deepcopy(a)
+    pb = [q for g in b.param_groups for q in g["params"]]
+    run(a, pa, grads[2:])
+    run(b, pb, grads[2:])
+    assert b.fingerprint is True
+    assert_bitwise_same(snapshot(pa, a), snapshot(pb, b), "deepcopy")
