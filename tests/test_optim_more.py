@@ -349,7 +349,7 @@ class RefMath:
                 if wd != 0:
                     pm = pm * s(1.0 - lr * wd)
                 c = s(b1) * m + s(1.0 - b1) * gm
-                sgn = np.where(c > 0, M(1), np.where(c < 0, M(-1), c))
+                sgn = np.where(c != c, c, (c > 0).astype(M) - (c < 0).astype(M))
                 pm = pm - s(lr) * sgn
                 st["exp_avg"] = store(s(b2) * m + s(1.0 - b2) * gm)
             with torch.no_grad():

@@ -34,7 +34,7 @@ class Lion(FusedOptimizer):
         g = -grad if maximize else grad
         if weight_decay != 0: p = p * (1 - lr * weight_decay)
         c = beta1 * m + (1 - beta1) * g
-        p = p - lr * sign(c)          (sign(0) = 0; a NaN stays NaN)
+        p = p - lr * sign(c)          (sign(+-0) = +0; a NaN stays NaN)
         m = beta2 * m + (1 - beta2) * g
     """
 

@@ -203,16 +203,16 @@ struct LionScalars {
 //   g = maximize ? -grad : grad
 //   if weight_decay != 0:  p = p * (1 - lr * weight_decay)
 //   c = beta1 * m + (1 - beta1) * g
-//   p = p - lr * sign(c)           sign(+-0) = +-0, sign(NaN) = NaN
+//   p = p - lr * sign(c)           sign(+-0) = +0, sign(NaN) = NaN
 //   m = beta2 * m + (1 - beta2) * g
 template <typename M>
 MEMSTATE_HD void lion_update(M& p, M grad, M& m, const LionScalars<M>& s) {
   const M g = grad * s.grad_sign();
   if (s.has_weight_decay) p = p * s.decay_factor;
   const M c = s.beta1 * m + s.one_minus_beta1 * g;
-  // Plain selects (the CPU loop vectorises); zero and NaN pass through as they are.
-  const M neg = c < M(0) ? M(-1) : c;
-  const M sgn = c > M(0) ? M(1) : neg;
+  // sign(c) as (c > 0) - (c < 0), a NaN kept by one select on a quiet compare: GCC vectorises
+  // this form (not nested selects on c < 0 / c > 0, which made the CPU loop 5x slower).
+  const M sgn = c != c ? c : M(c > M(0)) - M(c < M(0));
   p = p - s.lr * sgn;
   m = s.beta2 * m + s.one_minus_beta2 * g;
 }
