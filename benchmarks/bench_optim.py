@@ -2,9 +2,10 @@
 fused=True, interleaved in the same run, plus effective bandwidth against a plain copy.
 
 Cases: 1M, 10M and 100M float32 parameters spread over 10 to 1000 tensors. For each case and
-optimizer (AdamW, SGD with momentum) it prints the median step time of every contender, the
-ratios memstate/torch-fused, and the effective bandwidth (bytes the step must move, divided by
-its time) as a fraction of a plain device copy of the same number of bytes. Targets (issue 3):
+optimizer (AdamW, SGD with momentum; RMSprop, Adagrad and Lion up to 10M) it prints the median
+step time of every contender, the ratios memstate/torch-fused and memstate/torch-foreach, and
+the effective bandwidth (bytes the step must move, divided by its time) as a fraction of a plain
+device copy of the same number of bytes. Targets (issue 3):
 CPU: fingerprint off <= 1.0x torch fused AdamW, fingerprint on <= 1.5x; CUDA: <= 1.0x fused,
 fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
 
@@ -28,8 +29,16 @@ import _timing  # noqa: E402
 import memstate.optim as mo  # noqa: E402
 
 # bytes moved per parameter per step (fp32): reads + writes of every role
-MOVED = {"adamw": (4 + 3) * 4, "sgd": (3 + 2) * 4}
-HASHED = {"adamw": 4 * 4, "sgd": 3 * 4}  # roles fingerprinted: param, grad, state(s)
+MOVED = {"adamw": (4 + 3) * 4, "sgd": (3 + 2) * 4, "rmsprop": (3 + 2) * 4, "adagrad": (3 + 2) * 4,
+         "lion": (3 + 2) * 4}
+HASHED = {"adamw": 4 * 4, "sgd": 3 * 4, "rmsprop": 3 * 4, "adagrad": 3 * 4, "lion": 3 * 4}  # param, grad, state(s)
+# issue 11 item 7: RMSprop, Adagrad, Lion (one state buffer each; torch has no Lion, no fused RMSprop and
+# a fused Adagrad on CPU only), benchmarked up to 10M parameters
+MORE = {
+    "rmsprop": (lambda ps, **kw: mo.RMSprop(ps, lr=1e-3, **kw), lambda ps, **kw: torch.optim.RMSprop(ps, lr=1e-3, **kw)),
+    "adagrad": (lambda ps, **kw: mo.Adagrad(ps, lr=1e-3, **kw), lambda ps, **kw: torch.optim.Adagrad(ps, lr=1e-3, **kw)),
+    "lion": (lambda ps, **kw: mo.Lion(ps, lr=1e-4, **kw), None),
+}
 
 
 def make_params(total: int, ntensors: int, device: str, seed: int = 0):
@@ -55,6 +64,12 @@ def contenders(kind: str, device: str, total: int, ntensors: int):
             "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
             "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         }
+    elif kind in MORE:
+        ms, tc = MORE[kind]
+        mk = {"memstate": ms, "memstate+fp": lambda ps: ms(ps, fingerprint=True)}
+        if tc is not None:
+            mk["torch foreach"] = lambda ps: tc(ps, foreach=True)
+            mk["torch fused"] = lambda ps: tc(ps, fused=True)
     else:
         mk = {
             "memstate": lambda ps: mo.SGD(ps, lr=1e-3, momentum=0.9),
@@ -84,14 +99,14 @@ def bench(device: str, quick: bool, rounds: int, stat: str = "median"):
         # anchor: a plain copy moving the same bytes as the AdamW step (half read, half written)
         src = torch.empty(MOVED["adamw"] * total // 8, dtype=torch.float32, device=device).normal_()
         dst = torch.empty_like(src)
-        for kind in ("adamw", "sgd"):
+        for kind in ("adamw", "sgd") + (tuple(MORE) if total <= 10_000_000 else ()):
             cases = contenders(kind, device, total, ntensors)
             cases["copy (anchor)"] = lambda: dst.copy_(src)
             r = rounds if total < 100_000_000 else max(3, rounds // 2)
             t = _timing.interleaved(cases, device, rounds=r, inner=1 if device == "cpu" or total >= 10_000_000 else 5,
                                     stat=stat)
             copy_gbs = src.numel() * 4 * 2 / t["copy (anchor)"] / 1e9
-            fused = t.get("torch fused")
+            fused, foreach = t.get("torch fused"), t.get("torch foreach")
             for name, sec in t.items():
                 if name == "copy (anchor)":
                     continue
@@ -100,6 +115,7 @@ def bench(device: str, quick: bool, rounds: int, stat: str = "median"):
                     "device": device, "opt": kind, "params": total, "tensors": ntensors, "case": name,
                     "ms": round(sec * 1e3, 3),
                     "vs_fused": round(sec / fused, 3) if fused else None,
+                    "vs_foreach": round(sec / foreach, 3) if foreach else None,
                     "GB/s": round(moved / sec / 1e9, 2),
                     "of_copy": round(moved / sec / 1e9 / copy_gbs, 3),
                 }
@@ -157,10 +173,10 @@ def main(argv=None):
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"
     _timing.print_rows(
         rows,
-        (f"{'dev':4} {'opt':5} {'params':>9} {'tensors':>7}  {'case':14} {'ms':>9} {'vs fused':>8} "
+        (f"{'dev':4} {'opt':7} {'params':>9} {'tensors':>7}  {'case':14} {'ms':>9} {'vs fused':>8} {'vs fore':>7} "
          f"{'GB/s':>7} {'of copy':>7} {'fp cost':>7} {'hash GB/s':>9}"),
-        lambda r: (f"{r['device']:4} {r['opt']:5} {r['params']:>9} {r['tensors']:>7}  {r['case']:14} {r['ms']:>9.3f} "
-                   f"{fmt(r.get('vs_fused'), '>8.3f'):>8} {r['GB/s']:>7.2f} {fmt(r.get('of_copy'), '>7.3f'):>7} "
+        lambda r: (f"{r['device']:4} {r['opt']:7} {r['params']:>9} {r['tensors']:>7}  {r['case']:14} {r['ms']:>9.3f} "
+                   f"{fmt(r.get('vs_fused'), '>8.3f'):>8} {fmt(r.get('vs_foreach'), '>7.3f'):>7} {r['GB/s']:>7.2f} {fmt(r.get('of_copy'), '>7.3f'):>7} "
                    f"{fmt(r.get('fp_cost'), '>+7.1%'):>7} {fmt(r.get('hashed GB/s'), '>9.2f'):>9}"),
         args.json)
 

@@ -43,6 +43,23 @@ TORCH_LIBRARY(memstate, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] steps, float lr, "
       "float beta1, float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, "
       "bool maximize, bool fingerprint) -> Tensor");
+  // RMSprop, as torch.optim.RMSprop: momentum_buffers are used only when momentum > 0, grad_avgs
+  // only when centered (fingerprint roles: params, grads, square_avgs[, momentum_buffers]
+  // [, grad_avgs]).
+  m.def(
+      "rmsprop_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
+      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] grad_avgs, float lr, float alpha, float eps, "
+      "float weight_decay, float momentum, bool centered, bool maximize, bool fingerprint) -> Tensor");
+  // Adagrad, as torch.optim.Adagrad (dense gradients). steps[i] is tensor i's step count after
+  // this step's increment; its learning rate lr / (1 + (steps[i] - 1) * lr_decay) is computed in
+  // float64 on the host.
+  m.def(
+      "adagrad_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, float[] steps, "
+      "float lr, float lr_decay, float eps, float weight_decay, bool maximize, bool fingerprint) -> Tensor");
+  // Lion (sign of the interpolated momentum, decoupled weight decay).
+  m.def(
+      "lion_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float beta1, "
+      "float beta2, float weight_decay, bool maximize, bool fingerprint) -> Tensor");
   // Whether any element of any floating tensor is NaN or infinite: a 0-d bool tensor on the
   // tensors' device (no host sync on CUDA).
   m.def("nonfinite_any(Tensor[] tensors) -> Tensor");
@@ -81,7 +98,7 @@ void refuse_unsupported(const char* op, std::initializer_list<NamedList> lists, 
               " tensors only");
 }
 
-// Optimizer runner of empty calls: sgd_step_impl / adam_step_impl return before running.
+// Optimizer runner of empty calls: the *_step_impl functions return before running.
 struct NoRunner {
   template <class Op>
   static at::Tensor run(const Op&, const OptimArgs&, const std::vector<optim::TensorScalars<typename Op::M>>&,
@@ -124,6 +141,30 @@ at::Tensor adam_step_fallback(at::TensorList params, at::TensorList grads, at::T
                                   eps, weight_decay, decoupled, amsgrad, maximize, fingerprint);
 }
 
+at::Tensor rmsprop_step_fallback(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                                 at::TensorList momentum_buffers, at::TensorList grad_avgs, double lr, double alpha,
+                                 double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                                 bool fingerprint) {
+  refuse_unsupported("rmsprop_step", {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs},
+                                      {"momentum_buffers", momentum_buffers}, {"grad_avgs", grad_avgs}});
+  return rmsprop_step_impl<NoRunner>(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps,
+                                     weight_decay, momentum, centered, maximize, fingerprint);
+}
+
+at::Tensor adagrad_step_fallback(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                                 at::ArrayRef<double> steps, double lr, double lr_decay, double eps,
+                                 double weight_decay, bool maximize, bool fingerprint) {
+  refuse_unsupported("adagrad_step", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}});
+  return adagrad_step_impl<NoRunner>(params, grads, state_sums, steps, lr, lr_decay, eps, weight_decay, maximize,
+                                     fingerprint);
+}
+
+at::Tensor lion_step_fallback(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
+                              double beta1, double beta2, double weight_decay, bool maximize, bool fingerprint) {
+  refuse_unsupported("lion_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}});
+  return lion_step_impl<NoRunner>(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, fingerprint);
+}
+
 at::Tensor nonfinite_any_fallback(at::TensorList tensors) {
   refuse_unsupported("nonfinite_any", {{"tensors", tensors}});
   return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
@@ -149,6 +190,9 @@ TORCH_LIBRARY_IMPL(memstate, CompositeExplicitAutograd, m) {
   m.impl("copy_fingerprint", &memstate::copy_fingerprint_fallback);
   m.impl("sgd_step", &memstate::sgd_step_fallback);
   m.impl("adam_step", &memstate::adam_step_fallback);
+  m.impl("rmsprop_step", &memstate::rmsprop_step_fallback);
+  m.impl("adagrad_step", &memstate::adagrad_step_fallback);
+  m.impl("lion_step", &memstate::lion_step_fallback);
   m.impl("nonfinite_any", &memstate::nonfinite_any_fallback);
   m.impl("increment_steps", &memstate::increment_steps_fallback);
   m.impl("norm_sums", &memstate::norm_sums_fallback);

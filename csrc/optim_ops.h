@@ -142,4 +142,76 @@ at::Tensor adam_step_impl(at::TensorList params, at::TensorList grads, at::Tenso
   return out;
 }
 
+template <class Runner>
+at::Tensor rmsprop_step_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
+                             at::TensorList momentum_buffers, at::TensorList grad_avgs, double lr, double alpha,
+                             double eps, double weight_decay, double momentum, bool centered, bool maximize,
+                             bool fingerprint) {
+  const bool use_momentum = momentum > 0.0;  // as torch.optim.RMSprop
+  std::vector<NamedList> lists = {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
+  if (use_momentum) lists.push_back({"momentum_buffers", momentum_buffers});
+  if (centered) lists.push_back({"grad_avgs", grad_avgs});
+  OptimArgs a;
+  switch (lists.size()) {  // check_optim_args takes an initializer list
+    case 3: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2]}); break;
+    case 4: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2], lists[3]}); break;
+    default: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2], lists[3], lists[4]}); break;
+  }
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_rmsprop_scalars<M>(lr, alpha, eps, weight_decay, momentum, maximize);
+    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    if (use_momentum) {
+      out = centered ? Runner::run(optim::RmspropOp<T, true, true>{s}, a, ts, fingerprint)
+                     : Runner::run(optim::RmspropOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = centered ? Runner::run(optim::RmspropOp<T, false, true>{s}, a, ts, fingerprint)
+                     : Runner::run(optim::RmspropOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+template <class Runner>
+at::Tensor adagrad_step_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                             at::ArrayRef<double> steps, double lr, double lr_decay, double eps,
+                             double weight_decay, bool maximize, bool fingerprint) {
+  OptimArgs a = check_optim_args("adagrad_step", {{"params", params}, {"grads", grads}, {"state_sums", state_sums}});
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == a.n, "memstate.adagrad_step: steps has ", steps.size(),
+              " entries but params has ", a.n);
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_adagrad_scalars<M>(eps, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n);
+    for (int64_t i = 0; i < a.n; ++i) {
+      TORCH_CHECK(steps[i] >= 1.0, "memstate.adagrad_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      ts[i] = {static_cast<M>(optim::adagrad_clr(lr, lr_decay, steps[i])), M(0), 0};
+    }
+    out = Runner::run(optim::AdagradOp<T>{s}, a, ts, fingerprint);
+  });
+  return out;
+}
+
+template <class Runner>
+at::Tensor lion_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr,
+                          double beta1, double beta2, double weight_decay, bool maximize, bool fingerprint) {
+  OptimArgs a = check_optim_args("lion_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}});
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_lion_scalars<M>(lr, beta1, beta2, weight_decay, maximize);
+    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    out = Runner::run(optim::LionOp<T>{s}, a, ts, fingerprint);
+  });
+  return out;
+}
+
 }  // namespace memstate

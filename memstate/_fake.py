@@ -83,6 +83,21 @@ def register() -> None:
         lists = (params, grads, exp_avgs, exp_avg_sqs) + ((max_exp_avg_sqs,) if amsgrad else ())
         return _optim_result(lists, 5 if amsgrad else 4, fingerprint)
 
+    @torch.library.register_fake(lib + "rmsprop_step")
+    def _rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps, weight_decay,
+                      momentum, centered, maximize, fingerprint):
+        lists = ((params, grads, square_avgs) + ((momentum_buffers,) if momentum > 0.0 else ())
+                 + ((grad_avgs,) if centered else ()))
+        return _optim_result(lists, len(lists), fingerprint)
+
+    @torch.library.register_fake(lib + "adagrad_step")
+    def _adagrad_step(params, grads, state_sums, steps, lr, lr_decay, eps, weight_decay, maximize, fingerprint):
+        return _optim_result((params, grads, state_sums), 3, fingerprint)
+
+    @torch.library.register_fake(lib + "lion_step")
+    def _lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, fingerprint):
+        return _optim_result((params, grads, exp_avgs), 3, fingerprint)
+
     @torch.library.register_fake(lib + "nonfinite_any")
     def _nonfinite_any(tensors):
         _refuse_real_meta("nonfinite_any", tensors=tensors)

@@ -39,7 +39,17 @@ def _optim_cases(device):
                                               decoupled, False, False, fp)
                 yield ops.adam_step.default, (p, g, m, v, mx, [1.0, 2.0, 3.0], 1e-3, 0.9, 0.999, 1e-8, 0.01,
                                               decoupled, True, False, fp)
+            # RMSprop (plain, momentum, centered, both), Adagrad, Lion (issue 11 item 7)
+            ga = [torch.zeros_like(t) for t in m]  # sqrt(v - ga * ga) stays real
+            for momentum, centered in ((0.0, False), (0.9, False), (0.0, True), (0.9, True)):
+                yield ops.rmsprop_step.default, (p, g, v, b, ga, 1e-2, 0.99, 1e-8, 0.01, momentum, centered,
+                                                 False, fp)
+            yield ops.adagrad_step.default, (p, g, v, [1.0, 2.0, 3.0], 1e-2, 0.1, 1e-10, 0.01, True, fp)
+            yield ops.lion_step.default, (p, g, m, 1e-4, 0.9, 0.99, 0.1, False, fp)
     yield ops.sgd_step.default, ([], [], [], [], 0.1, 0.9, 0.0, 0.0, False, False, True)  # empty call
+    yield ops.rmsprop_step.default, ([], [], [], [], [], 0.1, 0.99, 1e-8, 0.0, 0.9, True, False, True)
+    yield ops.adagrad_step.default, ([], [], [], [], 0.1, 0.0, 1e-10, 0.0, False, True)
+    yield ops.lion_step.default, ([], [], [], 1e-4, 0.9, 0.99, 0.0, False, True)
 
 
 def _other_cases(device):

@@ -212,6 +212,9 @@ void set_optim_chunk_elems(int64_t elems) {
 TORCH_LIBRARY_IMPL(memstate, CPU, m) {
   m.impl("sgd_step", &memstate::sgd_step_impl<memstate::cpu::CpuRunner>);
   m.impl("adam_step", &memstate::adam_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("rmsprop_step", &memstate::rmsprop_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("adagrad_step", &memstate::adagrad_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("lion_step", &memstate::lion_step_impl<memstate::cpu::CpuRunner>);
   m.impl("nonfinite_any", &memstate::cpu::nonfinite_any_cpu);
   m.impl("increment_steps", &memstate::cpu::increment_steps_cpu);
 }

@@ -131,5 +131,8 @@ at::Tensor nonfinite_any_cuda(at::TensorList tensors) {
 TORCH_LIBRARY_IMPL(memstate, CUDA, m) {
   m.impl("sgd_step", &memstate::sgd_step_impl<memstate::cuda::CudaRunner>);
   m.impl("adam_step", &memstate::adam_step_impl<memstate::cuda::CudaRunner>);
+  m.impl("rmsprop_step", &memstate::rmsprop_step_impl<memstate::cuda::CudaRunner>);
+  m.impl("adagrad_step", &memstate::adagrad_step_impl<memstate::cuda::CudaRunner>);
+  m.impl("lion_step", &memstate::lion_step_impl<memstate::cuda::CudaRunner>);
   m.impl("nonfinite_any", &memstate::cuda::nonfinite_any_cuda);
 }

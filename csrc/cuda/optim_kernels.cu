@@ -258,7 +258,13 @@ void launch_nonfinite_any(const NonfiniteTask* tasks, const OptimChunk* chunks, 
   MEMSTATE_INSTANTIATE_OPTIM(optim::AdamOp<T, false, false>)       \
   MEMSTATE_INSTANTIATE_OPTIM(optim::AdamOp<T, false, true>)        \
   MEMSTATE_INSTANTIATE_OPTIM(optim::AdamOp<T, true, false>)        \
-  MEMSTATE_INSTANTIATE_OPTIM(optim::AdamOp<T, true, true>)
+  MEMSTATE_INSTANTIATE_OPTIM(optim::AdamOp<T, true, true>)         \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, false, false>)    \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, false, true>)     \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, true, false>)     \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, true, true>)      \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::AdagradOp<T>)                  \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::LionOp<T>)
 
 MEMSTATE_INSTANTIATE_OPTIM_FOR(float)
 MEMSTATE_INSTANTIATE_OPTIM_FOR(double)

@@ -116,6 +116,107 @@ MEMSTATE_HD void adam_update(M& p, M grad, M& m, M& v, M& vmax, const AdamScalar
   p = p - t.step_size * (m / denom);
 }
 
+// Group-wide RMSprop scalars, each rounded once from float64.
+template <typename M>
+struct RmspropScalars {
+  M lr;
+  M alpha;
+  M one_minus_alpha;  // 1 - alpha
+  M eps;
+  M weight_decay;
+  M momentum;
+  bool has_weight_decay;
+  bool maximize;
+  MEMSTATE_HD M grad_sign() const { return maximize ? M(-1) : M(1); }  // as SgdScalars
+};
+
+// RMSprop, as torch.optim.RMSprop (foreach=False):
+//   g = maximize ? -grad : grad
+//   if weight_decay != 0:  g = g + weight_decay * p
+//   v = v * alpha + ((1 - alpha) * g) * g
+//   centered: ga = ga + (1 - alpha) * (g - ga);  avg = sqrt(v - ga * ga) + eps
+//   else:                                        avg = sqrt(v) + eps
+//   momentum > 0: buf = buf * momentum + g / avg;  p = p - lr * buf
+//   else:                                          p = p - (lr * g) / avg
+// The roundings are those of torch's CPU kernels (addcmul: (value * a) * b; addcdiv:
+// (value * a) / b; lerp with weight < 0.5: a + w * (b - a)): the momentum buffer sums terms of
+// about +-1/sqrt(1 - alpha) that cancel, so a different grouping shows up at float32 tolerance.
+template <typename M, bool kMomentum, bool kCentered>
+MEMSTATE_HD void rmsprop_update(M& p, M grad, M& v, M& buf, M& ga, const RmspropScalars<M>& s) {
+  M g = grad * s.grad_sign();
+  if (s.has_weight_decay) g = g + s.weight_decay * p;
+  v = v * s.alpha + (s.one_minus_alpha * g) * g;
+  M centered = v;
+  if (kCentered) {
+    ga = ga + s.one_minus_alpha * (g - ga);
+    centered = v - ga * ga;
+  }
+  const M avg = msqrt(centered) + s.eps;
+  if (kMomentum) {
+    buf = buf * s.momentum + g / avg;
+    p = p - s.lr * buf;
+  } else {
+    p = p - (s.lr * g) / avg;
+  }
+}
+
+// Group-wide Adagrad scalars, each rounded once from float64. The learning rate is per tensor
+// (it decays with the tensor's step count).
+template <typename M>
+struct AdagradScalars {
+  M eps;
+  M weight_decay;
+  bool has_weight_decay;
+  bool maximize;
+  MEMSTATE_HD M grad_sign() const { return maximize ? M(-1) : M(1); }  // as SgdScalars
+};
+
+// Adagrad, as torch.optim.Adagrad (dense gradients; the fused CPU kernel's order):
+//   g = maximize ? -grad : grad
+//   if weight_decay != 0:  g = g + weight_decay * p
+//   sum = sum + g * g
+//   p = p - clr * (g / (sqrt(sum) + eps))     clr = lr / (1 + (step - 1) * lr_decay)
+template <typename M>
+MEMSTATE_HD void adagrad_update(M& p, M grad, M& sum, M clr, const AdagradScalars<M>& s) {
+  M g = grad * s.grad_sign();
+  if (s.has_weight_decay) g = g + s.weight_decay * p;
+  sum = sum + g * g;
+  const M std_ = msqrt(sum) + s.eps;
+  p = p - clr * (g / std_);
+}
+
+// Group-wide Lion scalars, each rounded once from float64.
+template <typename M>
+struct LionScalars {
+  M lr;
+  M beta1;
+  M one_minus_beta1;  // 1 - beta1
+  M beta2;
+  M one_minus_beta2;  // 1 - beta2
+  M decay_factor;     // 1 - lr * weight_decay (decoupled, as AdamW)
+  bool has_weight_decay;
+  bool maximize;
+  MEMSTATE_HD M grad_sign() const { return maximize ? M(-1) : M(1); }  // as SgdScalars
+};
+
+// Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms", Algorithm 2):
+//   g = maximize ? -grad : grad
+//   if weight_decay != 0:  p = p * (1 - lr * weight_decay)
+//   c = beta1 * m + (1 - beta1) * g
+//   p = p - lr * sign(c)           sign(+-0) = +0, sign(NaN) = NaN
+//   m = beta2 * m + (1 - beta2) * g
+template <typename M>
+MEMSTATE_HD void lion_update(M& p, M grad, M& m, const LionScalars<M>& s) {
+  const M g = grad * s.grad_sign();
+  if (s.has_weight_decay) p = p * s.decay_factor;
+  const M c = s.beta1 * m + s.one_minus_beta1 * g;
+  // sign(c) as (c > 0) - (c < 0), a NaN kept by one select on a quiet compare: GCC vectorises
+  // this form (not nested selects on c < 0 / c > 0, which made the CPU loop 5x slower).
+  const M sgn = c != c ? c : M(c > M(0)) - M(c < M(0));
+  p = p - s.lr * sgn;
+  m = s.beta2 * m + s.one_minus_beta2 * g;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Functors: one per optimizer, shared by the CPU loop and the CUDA multi-tensor kernel. Each
 // says how many roles it touches and updates one element given the values of its roles in the
@@ -154,6 +255,44 @@ struct AdamOp {
     M& vmax = kAmsgrad ? x[kState2] : dummy;
     adam_update<M, kDecoupled, kAmsgrad>(x[kParam], x[kGrad], x[kState0], x[kState1], vmax, s,
                                          AdamStepScalars<M>{ts.s0, ts.s1});
+  }
+};
+
+template <typename T, bool kMomentum, bool kCentered>
+struct RmspropOp {
+  using storage_t = T;
+  using M = math_t<T>;
+  // param, grad, square_avg[, momentum_buffer][, grad_avg]
+  static constexpr int kRoles = 3 + (kMomentum ? 1 : 0) + (kCentered ? 1 : 0);
+  RmspropScalars<M> s;
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    M dummy_buf = M(0), dummy_ga = M(0);
+    M& buf = kMomentum ? x[kState1] : dummy_buf;
+    M& ga = kCentered ? x[kMomentum ? kState2 : kState1] : dummy_ga;
+    rmsprop_update<M, kMomentum, kCentered>(x[kParam], x[kGrad], x[kState0], buf, ga, s);
+  }
+};
+
+template <typename T>
+struct AdagradOp {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = 3;  // param, grad, sum
+  AdagradScalars<M> s;
+  // s0 = clr = lr / (1 + (step - 1) * lr_decay)
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    adagrad_update<M>(x[kParam], x[kGrad], x[kState0], ts.s0, s);
+  }
+};
+
+template <typename T>
+struct LionOp {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = 3;  // param, grad, exp_avg
+  LionScalars<M> s;
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>&) const {
+    lion_update<M>(x[kParam], x[kGrad], x[kState0], s);
   }
 };
 
