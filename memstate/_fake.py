@@ -86,16 +86,20 @@ def register() -> None:
     @torch.library.register_fake(lib + "rmsprop_step")
     def _rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, lr, alpha, eps, weight_decay,
                       momentum, centered, maximize, fingerprint):
+        _refuse_real_meta("rmsprop_step", params=params, grads=grads, square_avgs=square_avgs,
+                          momentum_buffers=momentum_buffers, grad_avgs=grad_avgs)
         lists = ((params, grads, square_avgs) + ((momentum_buffers,) if momentum > 0.0 else ())
                  + ((grad_avgs,) if centered else ()))
         return _optim_result(lists, len(lists), fingerprint)
 
     @torch.library.register_fake(lib + "adagrad_step")
     def _adagrad_step(params, grads, state_sums, steps, lr, lr_decay, eps, weight_decay, maximize, fingerprint):
+        _refuse_real_meta("adagrad_step", params=params, grads=grads, state_sums=state_sums)
         return _optim_result((params, grads, state_sums), 3, fingerprint)
 
     @torch.library.register_fake(lib + "lion_step")
     def _lion_step(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, fingerprint):
+        _refuse_real_meta("lion_step", params=params, grads=grads, exp_avgs=exp_avgs)
         return _optim_result((params, grads, exp_avgs), 3, fingerprint)
 
     @torch.library.register_fake(lib + "nonfinite_any")
