@@ -82,6 +82,13 @@ CASES = [
   ("nonfinite float8 after a NaN", lambda: ops.nonfinite_any([torch.tensor([float("nan")]), torch.zeros(3, dtype=torch.float8_e5m2)]), "tensors[1] has dtype"),
   ("nonfinite sparse", lambda: ops.nonfinite_any([torch.eye(2).to_sparse()]), "tensors[0]"),
   ("nonfinite meta", lambda: ops.nonfinite_any([meta]), "tensors[0] is a meta tensor"),
+  ("norm_sums meta", lambda: ops.norm_sums([f(3), meta], 2.0), "tensors[1] is a meta tensor"),
+  ("norm_sums p 0", lambda: ops.norm_sums([f(3)], 0.0), "norm order p must be > 0"),
+  ("lion meta", lambda: ops.lion_step([meta], [meta], [meta], 0.1, 0.9, 0.99, 0.0, False, True), "params[0] is a meta tensor"),
+  ("adagrad meta grad", lambda: ops.adagrad_step([f(4)], [meta], [f(4)], [1.0], 0.1, 0.0, 1e-10, 0.0, False, True),
+   "grads[0] is a meta tensor"),
+  ("rmsprop meta", lambda: ops.rmsprop_step([meta], [meta], [meta], [], [], 0.1, 0.99, 1e-8, 0.0, 0.0, False, False, True),
+   "params[0] is a meta tensor"),
   # increment_steps
   ("steps 2 elements", lambda: ops.increment_steps([torch.zeros(2)]), "steps[0]"),
   ("steps int", lambda: ops.increment_steps([torch.zeros((), dtype=torch.int64)]), "steps[0]"),
