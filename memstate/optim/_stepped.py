@@ -1,21 +1,34 @@
-"""Step-counter state shared by the optimizers that keep torch's ``step`` entry without a
-cached plan (RMSprop, Adagrad): a CPU 0-d float32/float64 tensor per parameter, advanced by one
-native ``increment_steps`` call per bucket, fingerprinted with the other state (key ``step``)."""
+"""Step-counter state shared by the optimizers that keep torch's ``step`` entry (Adam, AdamW,
+RMSprop, Adagrad): a CPU 0-d float32/float64 tensor per parameter, advanced by one native
+``increment_steps`` call per bucket, fingerprinted with the other state (key ``step``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
-from memstate.optim._base import FusedOptimizer, _scalar_dtype
-from memstate.optim.adam import Adam, _check_step
+from memstate import _ext
+from memstate.optim._base import _VERSION, FusedOptimizer, _scalar_dtype
+
+
+def _check_step(step, label) -> None:
+    """A ``step`` state must be a finite count >= 0: a number or a one-element real tensor
+    (torch keeps it as a 0-d float32 tensor). ``label()`` names the parameter in the ValueError."""
+    ok = isinstance(step, (int, float)) and not isinstance(step, bool)
+    if isinstance(step, torch.Tensor):
+        ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool and not step.is_meta
+    if ok:
+        value = float(step)
+        ok = math.isfinite(value) and value >= 0
+    if not ok:
+        desc = (f"a {step.dtype} tensor of shape {tuple(step.shape)}" if isinstance(step, torch.Tensor)
+                else repr(step))
+        raise ValueError(f"state 'step' of {label()} is {desc}; expected a finite count >= 0 "
+                         f"(a number or a one-element tensor)")
 
 
 class StepCounted(FusedOptimizer):
     """FusedOptimizer whose state has torch's ``step`` counter next to its tensor buffers."""
-
-    # Adam's step-counter fingerprinting (no super() calls inside, so shared as they are)
-    _after_fingerprinted_step = Adam._after_fingerprinted_step
-    _watch = Adam._watch
-    _refingerprint = Adam._refingerprint
 
     def _check_step_state(self, p: torch.Tensor) -> None:
         """p's ``step`` must be what ``increment_steps`` takes (as load_state_dict leaves it)."""
@@ -26,6 +39,42 @@ class StepCounted(FusedOptimizer):
             raise ValueError(f"memstate.optim.{self._name}: state 'step' of {self._param_label(p)} must be a "
                              f"float32 or float64 CPU tensor (as load_state_dict leaves it), got {step!r}")
 
+    def _after_fingerprinted_step(self, plan=None):
+        # The step counters are tensor state too: fingerprint them in one native call, kept
+        # pending like the kernel's rows until someone asks. `plan`: the cached plan the step
+        # ran from (its parameter, step-counter and watch lists are this step's).
+        params = [p for bucket, _, _ in self._pending for p in bucket] if plan is None else plan["stepped"]
+        if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
+            return
+        steps = [self.state[p]["step"] for p in params] if plan is None else plan["steps"]
+        rows = _ext.ops().fingerprint(steps)
+        self._pending.append((params, ("step",), rows.unsqueeze(1)))
+        # versions of what was fingerprinted: a later write (Snapshot.restore) makes them stale
+        self._fp_watch = self._watch(params) if plan is None else plan["watch"]
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
+
+    def _watch(self, params):
+        """``params`` and their tensor state: the tensors whose later writes make fingerprints stale."""
+        return params + [t for st in map(self.state.__getitem__, params) for t in st.values()
+                         if isinstance(t, torch.Tensor)]
+
+    def _refingerprint(self):
+        # the tensors of the last step were overwritten: fingerprint what they hold now
+        params = list({id(p): p for bucket, _, _ in self._pending for p in bucket}.values()) or [
+            p for g in self.param_groups for p in g["params"] if id(p) in self._fingerprints]
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
+        live = [p for p in params if self.state.get(p)]
+        if not live:
+            return
+        for p in live:
+            st = self.state[p]
+            named = [("param", p)] + ([("grad", p.grad)] if p.grad is not None else []) + [
+                (k, v) for k, v in st.items() if isinstance(v, torch.Tensor)]
+            rows = _ext.ops().fingerprint([t.contiguous() for _, t in named])
+            self._pending.append(([p], tuple(k for k, _ in named), rows.unsqueeze(0)))
+        self._fp_watch = self._watch(live)
+        self._fp_versions = list(map(_VERSION, self._fp_watch))
+
     def _check_loaded_entry(self, p, key, v):
         if key == "step":
             _check_step(v, lambda: self._param_label(p))
@@ -33,8 +82,8 @@ class StepCounted(FusedOptimizer):
             super()._check_loaded_entry(p, key, v)
 
     def _normalise_loaded_state(self):
-        # as Adam: `step` lives on the CPU as a float32/float64 0-d tensor (torch's fused
-        # optimizers keep it on the device; a plain number becomes one of torch's scalar dtype)
+        # torch's fused/capturable optimizers keep `step` on the device; ours lives on the CPU, as a
+        # float32 or float64 0-d tensor (a plain number becomes one of torch's scalar dtype)
         super()._normalise_loaded_state()
         for group in self.param_groups:
             for p in group["params"]:

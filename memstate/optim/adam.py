@@ -1,15 +1,14 @@
 """memstate.optim.Adam and AdamW: fused, deterministic, with in-pass fingerprints."""
 from __future__ import annotations
 
-import math
 import operator
 from typing import List, Optional, Tuple
 
 import torch
 
 from memstate import _ext
-from memstate.optim._base import (_VERSION, FusedOptimizer, _check_impl_flags, _check_lr, _plain, _scalar_dtype,
-                                  _state_like)
+from memstate.optim._base import _check_impl_flags, _check_lr, _plain, _scalar_dtype, _state_like
+from memstate.optim._stepped import StepCounted
 
 
 def _check_hparams(lr, betas, eps, weight_decay):
@@ -42,23 +41,7 @@ def _check_constructor_args(lr, betas, eps, weight_decay, foreach, capturable):
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
-def _check_step(step, label) -> None:
-    """Adam's ``step`` state must be a finite count >= 0: a number or a one-element real tensor
-    (torch keeps it as a 0-d float32 tensor). ``label()`` names the parameter in the ValueError."""
-    ok = isinstance(step, (int, float)) and not isinstance(step, bool)
-    if isinstance(step, torch.Tensor):
-        ok = step.numel() == 1 and not step.is_complex() and step.dtype != torch.bool and not step.is_meta
-    if ok:
-        value = float(step)
-        ok = math.isfinite(value) and value >= 0
-    if not ok:
-        desc = (f"a {step.dtype} tensor of shape {tuple(step.shape)}" if isinstance(step, torch.Tensor)
-                else repr(step))
-        raise ValueError(f"state 'step' of {label()} is {desc}; expected a finite count >= 0 "
-                         f"(a number or a one-element tensor)")
-
-
-class Adam(FusedOptimizer):
+class Adam(StepCounted):
     """Drop-in for ``torch.optim.Adam`` with a bitwise-reproducible fused step.
 
     Same arguments and defaults as torch (lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -125,12 +108,7 @@ class Adam(FusedOptimizer):
         st = self.state.get(p)
         if not st:
             return
-        step = st.get("step")
-        _check_step(step, lambda: self._param_label(p))
-        if not (isinstance(step, torch.Tensor) and step.device.type == "cpu"
-                and step.dtype in (torch.float32, torch.float64)):
-            raise ValueError(f"memstate.optim.{self._name}: state 'step' of {self._param_label(p)} must be a "
-                             f"float32 or float64 CPU tensor (as load_state_dict leaves it), got {step!r}")
+        self._check_step_state(p)
         keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if "max_exp_avg_sq" in st else ())
         for key in keys:
             self._check_state_tensor(p, key, st.get(key))
@@ -158,42 +136,6 @@ class Adam(FusedOptimizer):
             float(group["eps"]), float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
             bool(group["amsgrad"]), bool(group["maximize"]), self.fingerprint,
         )
-
-    def _after_fingerprinted_step(self, plan=None):
-        # The step counters are tensor state too: fingerprint them in one native call, kept
-        # pending like the kernel's rows until someone asks. `plan`: the cached plan the step
-        # ran from (its parameter, step-counter and watch lists are this step's).
-        params = [p for bucket, _, _ in self._pending for p in bucket] if plan is None else plan["stepped"]
-        if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
-            return
-        steps = [self.state[p]["step"] for p in params] if plan is None else plan["steps"]
-        rows = _ext.ops().fingerprint(steps)
-        self._pending.append((params, ("step",), rows.unsqueeze(1)))
-        # versions of what was fingerprinted: a later write (Snapshot.restore) makes them stale
-        self._fp_watch = self._watch(params) if plan is None else plan["watch"]
-        self._fp_versions = list(map(_VERSION, self._fp_watch))
-
-    def _watch(self, params):
-        """``params`` and their tensor state: the tensors whose later writes make fingerprints stale."""
-        return params + [t for st in map(self.state.__getitem__, params) for t in st.values()
-                         if isinstance(t, torch.Tensor)]
-
-    def _refingerprint(self):
-        # the tensors of the last step were overwritten: fingerprint what they hold now
-        params = list({id(p): p for bucket, _, _ in self._pending for p in bucket}.values()) or [
-            p for g in self.param_groups for p in g["params"] if id(p) in self._fingerprints]
-        self._pending, self._fingerprints, self._fp_watch = [], {}, []
-        live = [p for p in params if self.state.get(p)]
-        if not live:
-            return
-        for p in live:
-            st = self.state[p]
-            named = [("param", p)] + ([("grad", p.grad)] if p.grad is not None else []) + [
-                (k, v) for k, v in st.items() if isinstance(v, torch.Tensor)]
-            rows = _ext.ops().fingerprint([t.contiguous() for _, t in named])
-            self._pending.append(([p], tuple(k for k, _ in named), rows.unsqueeze(0)))
-        self._fp_watch = self._watch(live)
-        self._fp_versions = list(map(_VERSION, self._fp_watch))
 
     # ------------------------------------------------------------------ cached plan (see docs/optim.md)
     def _plan_groups(self):
@@ -279,32 +221,9 @@ class Adam(FusedOptimizer):
             self._after_fingerprinted_step(plan)
         return True
 
-    def _check_loaded_entry(self, p, key, v):
-        if key == "step":
-            _check_step(v, lambda: self._param_label(p))
-        else:
-            super()._check_loaded_entry(p, key, v)
-
     def _required_state_keys(self, saved_group):
         keys = ("step", "exp_avg", "exp_avg_sq")
         return keys + ("max_exp_avg_sq",) if saved_group.get("amsgrad") else keys
-
-    def _normalise_loaded_state(self):
-        # torch's fused/capturable optimizers keep `step` on the device; ours lives on the CPU, as a
-        # float32 or float64 0-d tensor (a plain number becomes one of torch's scalar dtype)
-        super()._normalise_loaded_state()
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if not st or "step" not in st:
-                    continue
-                s = st["step"]
-                if isinstance(s, torch.Tensor):
-                    dtype = s.dtype if s.dtype in (torch.float32, torch.float64) else torch.float32
-                    st["step"] = s.detach().to("cpu", dtype).reshape(())
-                else:
-                    st["step"] = torch.tensor(float(s), dtype=_scalar_dtype())
-
 
 class AdamW(Adam):
     """Drop-in for ``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2); its
