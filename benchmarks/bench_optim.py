@@ -9,10 +9,11 @@ device copy of the same number of bytes. Targets (issue 3):
 CPU: fingerprint off <= 1.0x torch fused AdamW, fingerprint on <= 1.5x; CUDA: <= 1.0x fused,
 fingerprint costing <= 5%, >= 0.85 of copy bandwidth.
 
-Host overhead (issue 12): AdamW over 1M parameters as 10,000 tensors of 100 elements against
-100 tensors of 10,000, one thread, in the same run; prints the time per tensor of the many-tensor
-case and its ratio to the few-tensor case. Target: ratio <= 2 (host overhead <= 1 us per tensor),
-fingerprint off and on.
+Host overhead (issue 12): each optimizer (AdamW, SGD with momentum, RMSprop, Adagrad, Lion;
+"+fp": fingerprint=True; torch fused AdamW for reference) over 1M parameters as 10,000 tensors of
+100 elements against 100 tensors of 10,000, one thread, in the same run; prints the time per
+tensor of the many-tensor case and its ratio to the few-tensor case. Target (AdamW): ratio <= 2
+(host overhead <= 1 us per tensor), fingerprint off and on.
 
     python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--stat median|min] [--json out.json]
 """
@@ -131,15 +132,28 @@ def bench(device: str, quick: bool, rounds: int, stat: str = "median"):
     return rows
 
 
+HOST_OPTS = {  # every fused optimizer's host overhead (issue 12: AdamW is the target case)
+    "AdamW": lambda ps, **kw: mo.AdamW(ps, lr=1e-3, **kw),
+    "SGD": lambda ps, **kw: mo.SGD(ps, lr=1e-3, momentum=0.9, **kw),
+    "RMSprop": lambda ps, **kw: mo.RMSprop(ps, lr=1e-3, **kw),
+    "Adagrad": lambda ps, **kw: mo.Adagrad(ps, lr=1e-3, **kw),
+    "Lion": lambda ps, **kw: mo.Lion(ps, lr=1e-4, **kw),
+}
+
+
 def host_overhead(device: str, rounds: int, stat: str = "median"):
-    """AdamW step of 1M parameters as 10,000 x 100 vs 100 x 10,000 elements (one CPU thread)."""
+    """Each optimizer's step of 1M parameters as 10,000 x 100 vs 100 x 10,000 elements (one CPU
+    thread), fingerprints off and on; torch fused AdamW for reference."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rows = []
-        for name, make in {"memstate": lambda ps: mo.AdamW(ps, lr=1e-3),
-                           "memstate+fp": lambda ps: mo.AdamW(ps, lr=1e-3, fingerprint=True),
-                           "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)}.items():
+        makers = {}
+        for opt, make in HOST_OPTS.items():
+            makers[f"{opt}"] = make
+            makers[f"{opt}+fp"] = lambda ps, make=make: make(ps, fingerprint=True)
+        makers["torch fused AdamW"] = lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)
+        for name, make in makers.items():
             cases = {}
             for ntensors in (100, 10_000):
                 opt = make(make_params(1_000_000, ntensors, device))
@@ -163,7 +177,7 @@ def main(argv=None):
         over += host_overhead(dev, args.rounds, args.stat)
     _timing.print_rows(
         over,
-        f"{'dev':4} {'AdamW, 1M params, 1 thread':27} {'100x10k ms':>10} {'10kx100 ms':>10} {'us/tensor':>9} {'ratio':>6}",
+        f"{'dev':4} {'1M params, 1 thread':27} {'100x10k ms':>10} {'10kx100 ms':>10} {'us/tensor':>9} {'ratio':>6}",
         lambda r: (f"{r['device']:4} {r['case']:27} {r['ms_100']:>10.3f} {r['ms_10000']:>10.3f} "
                    f"{r['us_per_tensor']:>9.3f} {r['ratio']:>6.2f}"),
         None)

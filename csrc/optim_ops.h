@@ -1,8 +1,8 @@
 // Device-independent entry points of the optimizer ops (tier 2, ATen level): argument checks,
 // float64 host scalars rounded once, dispatch over storage dtype and compile-time flags.
-// Each device file instantiates them with its Runner, which provides
-//   template <class Op> static at::Tensor run(const Op&, const OptimArgs&,
-//       const std::vector<optim::TensorScalars<typename Op::M>>&, bool fingerprint);
+// Each device file instantiates them with its Runner, which provides (static or not)
+//   template <class Op> at::Tensor run(const Op&, const OptimArgs&,
+//       const std::vector<optim::TensorScalars<typename Op::M>>&, bool fingerprint) const;
 // returning int64 [N, Op::kRoles, 2] finalised msfp1 lanes (or an empty tensor).
 #pragma once
 
@@ -63,6 +63,43 @@ inline OptimArgs check_optim_args(const char* op, std::initializer_list<NamedLis
   return a;
 }
 
+// check_optim_args over 2 to 5 lists known only at run time.
+inline OptimArgs check_optim_args(const char* op, const std::vector<NamedList>& l) {
+  TORCH_INTERNAL_ASSERT(l.size() >= 2 && l.size() <= static_cast<size_t>(optim::kMaxRoles));
+  switch (l.size()) {  // the checks take an initializer list
+    case 2: return check_optim_args(op, {l[0], l[1]});
+    case 3: return check_optim_args(op, {l[0], l[1], l[2]});
+    case 4: return check_optim_args(op, {l[0], l[1], l[2], l[3]});
+    default: return check_optim_args(op, {l[0], l[1], l[2], l[3], l[4]});
+  }
+}
+
+// A step counter (torch's `step` state) must be a one-element float32/float64 CPU tensor.
+inline void check_step_counter(const at::Tensor& s, const char* op, size_t i) {
+  TORCH_CHECK(s.defined() && s.layout() == at::kStrided && s.numel() == 1 && s.device().is_cpu() &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "memstate.", op, ": steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
+              s.scalar_type(), " ", s.sizes(), " on ", s.device());
+}
+
+// The value of a checked step counter.
+inline double step_value(const at::Tensor& s) {
+  return s.scalar_type() == at::kFloat ? static_cast<double>(*static_cast<const float*>(s.const_data_ptr()))
+                                       : *static_cast<const double*>(s.const_data_ptr());
+}
+
+// Adds 1 to a checked step counter in its own dtype (as torch's `step += 1`); returns the new value.
+inline double increment_step(const at::Tensor& s) {
+  if (s.scalar_type() == at::kFloat) {
+    float* v = static_cast<float*>(s.data_ptr());
+    *v = *v + 1.0f;
+    return *v;
+  }
+  double* v = static_cast<double*>(s.data_ptr());
+  *v = *v + 1.0;
+  return *v;
+}
+
 // Calls f(T{}) with the storage type of `dtype`.
 template <class F>
 void dispatch_storage(at::ScalarType dtype, F&& f) {
@@ -77,6 +114,115 @@ void dispatch_storage(at::ScalarType dtype, F&& f) {
 
 inline at::Tensor no_fingerprints() { return at::empty({0}, at::kLong); }
 
+// ---- The runs: checked arguments `a` (a.n > 0), float64 scalars rounded once, dispatch over
+// storage dtype and flags, then runner.run(...). Shared by the ops below and by cached step
+// plans (optim_plan.h), which check their tensors once when built.
+
+// first: empty (no new momentum buffer) or one entry per tensor.
+template <class Runner>
+at::Tensor sgd_run(const Runner& runner, const OptimArgs& a, at::IntArrayRef first, double lr, double momentum,
+                   double dampening, double weight_decay, bool nesterov, bool maximize, bool fingerprint) {
+  const bool use_momentum = momentum != 0.0;
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_sgd_scalars<M>(lr, momentum, dampening, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    if (use_momentum) {
+      for (int64_t i = 0; i < a.n && !first.empty(); ++i) ts[i].flag = first[i] != 0;
+      out = nesterov ? runner.run(optim::SgdOp<T, true, true>{s}, a, ts, fingerprint)
+                     : runner.run(optim::SgdOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = runner.run(optim::SgdOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+// steps[i]: tensor i's step count after this step's increment.
+template <class Runner>
+at::Tensor adam_run(const Runner& runner, const OptimArgs& a, at::ArrayRef<double> steps, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+                    bool fingerprint) {
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_adam_scalars<M>(lr, beta1, beta2, eps, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n);
+    for (int64_t i = 0; i < a.n; ++i) {
+      TORCH_CHECK(steps[i] >= 1.0, "memstate.adam_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      const auto st = optim::make_adam_step_scalars<M>(lr, beta1, beta2, steps[i]);
+      ts[i] = {st.step_size, st.bias_correction2_sqrt, 0};
+    }
+    if (decoupled) {
+      out = amsgrad ? runner.run(optim::AdamOp<T, true, true>{s}, a, ts, fingerprint)
+                    : runner.run(optim::AdamOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = amsgrad ? runner.run(optim::AdamOp<T, false, true>{s}, a, ts, fingerprint)
+                    : runner.run(optim::AdamOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+template <class Runner>
+at::Tensor rmsprop_run(const Runner& runner, const OptimArgs& a, double lr, double alpha, double eps,
+                       double weight_decay, double momentum, bool centered, bool maximize, bool fingerprint) {
+  const bool use_momentum = momentum > 0.0;  // as torch.optim.RMSprop
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_rmsprop_scalars<M>(lr, alpha, eps, weight_decay, momentum, maximize);
+    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    if (use_momentum) {
+      out = centered ? runner.run(optim::RmspropOp<T, true, true>{s}, a, ts, fingerprint)
+                     : runner.run(optim::RmspropOp<T, true, false>{s}, a, ts, fingerprint);
+    } else {
+      out = centered ? runner.run(optim::RmspropOp<T, false, true>{s}, a, ts, fingerprint)
+                     : runner.run(optim::RmspropOp<T, false, false>{s}, a, ts, fingerprint);
+    }
+  });
+  return out;
+}
+
+// steps[i]: tensor i's step count after this step's increment.
+template <class Runner>
+at::Tensor adagrad_run(const Runner& runner, const OptimArgs& a, at::ArrayRef<double> steps, double lr,
+                       double lr_decay, double eps, double weight_decay, bool maximize, bool fingerprint) {
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_adagrad_scalars<M>(eps, weight_decay, maximize);
+    std::vector<optim::TensorScalars<M>> ts(a.n);
+    for (int64_t i = 0; i < a.n; ++i) {
+      TORCH_CHECK(steps[i] >= 1.0, "memstate.adagrad_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      ts[i] = {static_cast<M>(optim::adagrad_clr(lr, lr_decay, steps[i])), M(0), 0};
+    }
+    out = runner.run(optim::AdagradOp<T>{s}, a, ts, fingerprint);
+  });
+  return out;
+}
+
+template <class Runner>
+at::Tensor lion_run(const Runner& runner, const OptimArgs& a, double lr, double beta1, double beta2,
+                    double weight_decay, bool maximize, bool fingerprint) {
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_lion_scalars<M>(lr, beta1, beta2, weight_decay, maximize);
+    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
+    out = runner.run(optim::LionOp<T>{s}, a, ts, fingerprint);
+  });
+  return out;
+}
+
+// ---- The ops: argument checks, then the run.
+
 template <class Runner>
 at::Tensor sgd_step_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                          at::IntArrayRef first, double lr, double momentum, double dampening,
@@ -90,21 +236,7 @@ at::Tensor sgd_step_impl(at::TensorList params, at::TensorList grads, at::Tensor
   TORCH_CHECK(!use_momentum || static_cast<int64_t>(first.size()) == a.n, "memstate.sgd_step: first has ",
               first.size(), " entries but params has ", a.n);
   if (a.n == 0) return no_fingerprints();
-  at::Tensor out;
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using M = math_t<T>;
-    const auto s = optim::make_sgd_scalars<M>(lr, momentum, dampening, weight_decay, maximize);
-    std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
-    if (use_momentum) {
-      for (int64_t i = 0; i < a.n; ++i) ts[i].flag = first[i] != 0;
-      out = nesterov ? Runner::run(optim::SgdOp<T, true, true>{s}, a, ts, fingerprint)
-                     : Runner::run(optim::SgdOp<T, true, false>{s}, a, ts, fingerprint);
-    } else {
-      out = Runner::run(optim::SgdOp<T, false, false>{s}, a, ts, fingerprint);
-    }
-  });
-  return out;
+  return sgd_run(Runner{}, a, first, lr, momentum, dampening, weight_decay, nesterov, maximize, fingerprint);
 }
 
 template <class Runner>
@@ -120,26 +252,8 @@ at::Tensor adam_step_impl(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK(static_cast<int64_t>(steps.size()) == a.n, "memstate.adam_step: steps has ", steps.size(),
               " entries but params has ", a.n);
   if (a.n == 0) return no_fingerprints();
-  at::Tensor out;
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using M = math_t<T>;
-    const auto s = optim::make_adam_scalars<M>(lr, beta1, beta2, eps, weight_decay, maximize);
-    std::vector<optim::TensorScalars<M>> ts(a.n);
-    for (int64_t i = 0; i < a.n; ++i) {
-      TORCH_CHECK(steps[i] >= 1.0, "memstate.adam_step: steps[", i, "] = ", steps[i], " must be >= 1");
-      const auto st = optim::make_adam_step_scalars<M>(lr, beta1, beta2, steps[i]);
-      ts[i] = {st.step_size, st.bias_correction2_sqrt, 0};
-    }
-    if (decoupled) {
-      out = amsgrad ? Runner::run(optim::AdamOp<T, true, true>{s}, a, ts, fingerprint)
-                    : Runner::run(optim::AdamOp<T, true, false>{s}, a, ts, fingerprint);
-    } else {
-      out = amsgrad ? Runner::run(optim::AdamOp<T, false, true>{s}, a, ts, fingerprint)
-                    : Runner::run(optim::AdamOp<T, false, false>{s}, a, ts, fingerprint);
-    }
-  });
-  return out;
+  return adam_run(Runner{}, a, steps, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                  fingerprint);
 }
 
 template <class Runner>
@@ -147,32 +261,12 @@ at::Tensor rmsprop_step_impl(at::TensorList params, at::TensorList grads, at::Te
                              at::TensorList momentum_buffers, at::TensorList grad_avgs, double lr, double alpha,
                              double eps, double weight_decay, double momentum, bool centered, bool maximize,
                              bool fingerprint) {
-  const bool use_momentum = momentum > 0.0;  // as torch.optim.RMSprop
   std::vector<NamedList> lists = {{"params", params}, {"grads", grads}, {"square_avgs", square_avgs}};
-  if (use_momentum) lists.push_back({"momentum_buffers", momentum_buffers});
+  if (momentum > 0.0) lists.push_back({"momentum_buffers", momentum_buffers});
   if (centered) lists.push_back({"grad_avgs", grad_avgs});
-  OptimArgs a;
-  switch (lists.size()) {  // check_optim_args takes an initializer list
-    case 3: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2]}); break;
-    case 4: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2], lists[3]}); break;
-    default: a = check_optim_args("rmsprop_step", {lists[0], lists[1], lists[2], lists[3], lists[4]}); break;
-  }
+  OptimArgs a = check_optim_args("rmsprop_step", lists);
   if (a.n == 0) return no_fingerprints();
-  at::Tensor out;
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using M = math_t<T>;
-    const auto s = optim::make_rmsprop_scalars<M>(lr, alpha, eps, weight_decay, momentum, maximize);
-    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
-    if (use_momentum) {
-      out = centered ? Runner::run(optim::RmspropOp<T, true, true>{s}, a, ts, fingerprint)
-                     : Runner::run(optim::RmspropOp<T, true, false>{s}, a, ts, fingerprint);
-    } else {
-      out = centered ? Runner::run(optim::RmspropOp<T, false, true>{s}, a, ts, fingerprint)
-                     : Runner::run(optim::RmspropOp<T, false, false>{s}, a, ts, fingerprint);
-    }
-  });
-  return out;
+  return rmsprop_run(Runner{}, a, lr, alpha, eps, weight_decay, momentum, centered, maximize, fingerprint);
 }
 
 template <class Runner>
@@ -183,19 +277,7 @@ at::Tensor adagrad_step_impl(at::TensorList params, at::TensorList grads, at::Te
   TORCH_CHECK(static_cast<int64_t>(steps.size()) == a.n, "memstate.adagrad_step: steps has ", steps.size(),
               " entries but params has ", a.n);
   if (a.n == 0) return no_fingerprints();
-  at::Tensor out;
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using M = math_t<T>;
-    const auto s = optim::make_adagrad_scalars<M>(eps, weight_decay, maximize);
-    std::vector<optim::TensorScalars<M>> ts(a.n);
-    for (int64_t i = 0; i < a.n; ++i) {
-      TORCH_CHECK(steps[i] >= 1.0, "memstate.adagrad_step: steps[", i, "] = ", steps[i], " must be >= 1");
-      ts[i] = {static_cast<M>(optim::adagrad_clr(lr, lr_decay, steps[i])), M(0), 0};
-    }
-    out = Runner::run(optim::AdagradOp<T>{s}, a, ts, fingerprint);
-  });
-  return out;
+  return adagrad_run(Runner{}, a, steps, lr, lr_decay, eps, weight_decay, maximize, fingerprint);
 }
 
 template <class Runner>
@@ -203,15 +285,7 @@ at::Tensor lion_step_impl(at::TensorList params, at::TensorList grads, at::Tenso
                           double beta1, double beta2, double weight_decay, bool maximize, bool fingerprint) {
   OptimArgs a = check_optim_args("lion_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}});
   if (a.n == 0) return no_fingerprints();
-  at::Tensor out;
-  dispatch_storage(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    using M = math_t<T>;
-    const auto s = optim::make_lion_scalars<M>(lr, beta1, beta2, weight_decay, maximize);
-    const std::vector<optim::TensorScalars<M>> ts(a.n, {M(0), M(0), 0});
-    out = Runner::run(optim::LionOp<T>{s}, a, ts, fingerprint);
-  });
-  return out;
+  return lion_run(Runner{}, a, lr, beta1, beta2, weight_decay, maximize, fingerprint);
 }
 
 }  // namespace memstate

@@ -28,7 +28,7 @@ def make_params(seed=0, shapes=SHAPES):
 def set_grads(params, step, skip=()):
     g = torch.Generator().manual_seed(1000 + step)
     for i, p in enumerate(params):
-        p.grad = None if i in skip else torch.randn(p.shape, generator=g)
+        p.grad = None if i in skip else torch.randn(p.shape, generator=g).to(p.dtype)
 
 
 class Counting:
@@ -258,3 +258,386 @@ def test_deepcopy_keeps_options_and_steps_like_the_original(cls):
         set_grads(ps, 1)
         o.step()
     assert_same(params2, opt2, cparams, copt)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every fused optimizer shares one cached-plan mechanism (FusedOptimizer._build_plan /
+# _planned_step, csrc/optim_plan.h). Each test below changes something between steps and
+# compares a planned run bit for bit (parameters, state, fingerprints) against the same run that
+# never uses a plan: a plan that is not rebuilt (or not refused) when it should be steps stale
+# tensors, skips or double-steps a parameter, and the comparison fails.
+
+# name: (class, constructor kwargs, a group flag change that changes the kernel's roles or, for
+# optimizers without one, a hyperparameter change)
+OPTS = {
+    "sgd": (mo.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01), ("momentum", 0.0)),
+    "adam": (mo.Adam, dict(lr=1e-2, weight_decay=0.1), ("amsgrad", True)),
+    "adamw": (mo.AdamW, dict(lr=1e-2), ("amsgrad", True)),
+    "rmsprop": (mo.RMSprop, dict(lr=1e-2, momentum=0.5), ("centered", True)),
+    "adagrad": (mo.Adagrad, dict(lr=1e-2, lr_decay=0.01), ("maximize", True)),
+    "lion": (mo.Lion, dict(lr=1e-3, weight_decay=0.1), ("maximize", True)),
+}
+COUNTED = {"adam", "adamw", "rmsprop", "adagrad"}  # keep torch's `step` counters
+
+
+def opt_pair(name, seed=0, shapes=SHAPES, **extra):
+    cls, kw, _ = OPTS[name]
+    kw = {**kw, **extra}
+    a_params, b_params = make_params(seed, shapes), make_params(seed, shapes)
+    a, b = cls(a_params, fingerprint=True, **kw), cls(b_params, fingerprint=True, **kw)
+    return a_params, a, Counting(a), b_params, b, Counting(b, enabled=False)
+
+
+def assert_same_all(a_params, a, b_params, b):
+    assert_same(a_params, a, b_params, b)
+    assert a.state_fingerprint() == b.state_fingerprint()
+
+
+def warm(ap, a, ca, bp, b, steps=2):
+    for s in range(steps):
+        step_both(ap, a, bp, b, s)
+    assert ca.hits == steps - 1
+
+
+def both(fn, ap, a, bp, b):
+    fn(ap, a)
+    fn(bp, b)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_every_optimizer_uses_its_plan_exactly(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    for s in range(5):
+        step_both(ap, a, bp, b, s)
+    assert ca.hits == 4
+    assert_same_all(ap, a, bp, b)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_plan_without_fingerprints(name):
+    cls, kw, _ = OPTS[name]
+    ap, bp = make_params(0), make_params(0)
+    a, b = cls(ap, **kw), cls(bp, **kw)
+    ca, _ = Counting(a), Counting(b, enabled=False)
+    for s in range(3):
+        set_grads(ap, s)
+        set_grads(bp, s)
+        a.step()
+        b.step()
+    assert ca.hits == 2
+    assert all(torch.equal(p, q) for p, q in zip(ap, bp))
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_param_replaced_in_group_rebuilds(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    for ps, o in ((ap, a), (bp, b)):
+        ps[2] = o.param_groups[0]["params"][2] = make_params(9, [SHAPES[2]])[0]
+    step_both(ap, a, bp, b, 2)
+    assert ca.hits == 1
+    step_both(ap, a, bp, b, 3)
+    assert ca.hits == 2
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_params_relisted_rebuilds(name):
+    """A parameter removed from its group's list, or listed a second time (stepped twice, as
+    torch's for-loop does), with the same list object mutated in place."""
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    for o in (a, b):
+        del o.param_groups[0]["params"][1]
+    step_both(ap, a, bp, b, 2)
+    for o in (a, b):
+        o.param_groups[0]["params"].append(o.param_groups[0]["params"][0])
+    step_both(ap, a, bp, b, 3)
+    step_both(ap, a, bp, b, 4)
+    assert ca.hits == 2  # steps 1 and 4
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_group_params_appended_and_group_added(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    extra_a, extra_b = make_params(5, [(4,), (9,)]), make_params(5, [(4,), (9,)])
+    a.param_groups[0]["params"].append(extra_a[0])
+    b.param_groups[0]["params"].append(extra_b[0])
+    step_both(ap + extra_a[:1], a, bp + extra_b[:1], b, 2)
+    a.add_param_group({"params": extra_a[1:], "lr": 0.05})
+    b.add_param_group({"params": extra_b[1:], "lr": 0.05})
+    step_both(ap + extra_a, a, bp + extra_b, b, 3)
+    step_both(ap + extra_a, a, bp + extra_b, b, 4)
+    assert ca.hits == 2
+    assert_same_all(ap + extra_a, a, bp + extra_b, b)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_load_state_dict_rebuilds(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    saved = copy.deepcopy(a.state_dict())
+    for s in range(2, 4):
+        step_both(ap, a, bp, b, s)
+    hits = ca.hits
+    a.load_state_dict(copy.deepcopy(saved))
+    b.load_state_dict(copy.deepcopy(saved))
+    step_both(ap, a, bp, b, 4)
+    assert ca.hits == hits
+    step_both(ap, a, bp, b, 5)
+    assert ca.hits == hits + 1
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_state_dict_holds_plain_dicts_that_load_with_weights_only(name, tmp_path):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    sd = a.state_dict()
+    assert all(type(v) is dict for v in sd["state"].values())
+    torch.save(sd, tmp_path / "opt.pt")
+    b.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    step_both(ap, a, bp, b, 2)
+
+
+@pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("how", ["deepcopy", "setstate"])
+def test_copies_step_like_a_fresh_optimizer(name, how):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    if how == "deepcopy":
+        both_ = copy.deepcopy({"params": ap, "opt": a})
+        cp, c = both_["params"], both_["opt"]
+        assert "_planned_step" not in c.__dict__  # (the test's counting wrapper is not copied)
+    else:
+        cp, c = ap, a
+        c.__setstate__(c.__getstate__())
+    cc = Counting(c)
+    for s in range(2, 4):
+        set_grads(cp, s)
+        c.step()
+        set_grads(bp, s)
+        b.step()
+        assert_same(cp, c, bp, b)
+    assert cc.hits == 1
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_state_entry_replaced_rebuilds(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    key = a._roles(a.param_groups[0])[2]
+    for ps, o in ((ap, a), (bp, b)):
+        o.state[ps[1]][key] = torch.full_like(ps[1], 0.25)  # a new tensor, not in place
+    step_both(ap, a, bp, b, 2)
+    assert ca.hits == 1
+    step_both(ap, a, bp, b, 3)
+    assert ca.hits == 2
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_state_dict_replaced_deleted_cleared_rebuilds(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    for ps, o in ((ap, a), (bp, b)):  # a new dict with new (equal-valued) tensors
+        o.state[ps[0]] = {k: v.clone() + 1 if isinstance(v, torch.Tensor) and v.dim() else v
+                          for k, v in o.state[ps[0]].items()}
+    step_both(ap, a, bp, b, 2)
+    for ps, o in ((ap, a), (bp, b)):
+        del o.state[ps[2]]
+    if name == "adagrad":  # its state is created by the constructor only, as torch's
+        for ps, o in ((ap, a), (bp, b)):
+            o._init_state(o.param_groups[0], ps[2])
+    step_both(ap, a, bp, b, 3)
+    if name != "adagrad":
+        for o in (a, b):
+            o.state.clear()
+        step_both(ap, a, bp, b, 4)
+    assert ca.hits == 1  # step 1 only
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_structure_flag_toggled(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    _, _, (flag, value) = OPTS[name]
+    for o in (a, b):
+        o.param_groups[0][flag] = value
+    step_both(ap, a, bp, b, 2)
+    step_both(ap, a, bp, b, 3)
+    assert ca.hits >= 2
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_hyperparameters_and_scheduler_need_no_rebuild(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    sa = torch.optim.lr_scheduler.StepLR(a, step_size=1, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(b, step_size=1, gamma=0.5)
+    for s in range(2, 5):
+        step_both(ap, a, bp, b, s)
+        sa.step()
+        sb.step()
+    for o in (a, b):
+        o.param_groups[0]["weight_decay"] = 0.3
+        o.param_groups[0]["lr"] = torch.tensor(0.02)  # a tensor lr
+    step_both(ap, a, bp, b, 5)
+    assert ca.hits == 5  # every step after the first
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_grads_going_none_and_back(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    step_both(ap, a, bp, b, 2, skip={1, 3})
+    step_both(ap, a, bp, b, 3, skip={1, 3})
+    step_both(ap, a, bp, b, 4)
+    step_both(ap, a, bp, b, 5)
+    assert ca.hits == 3  # steps 1, 3, 5
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_param_data_replaced(name):
+    """`p.data = other`: same shape (new storage: a stale plan would update the old one), then
+    another shape (the state no longer fits: ValueError, nothing modified; SGD without state
+    buffers for it would step it)."""
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    for ps in (ap, bp):
+        ps[0].data = ps[0].data.clone() * 2
+    step_both(ap, a, bp, b, 2)
+    assert ca.hits == 1
+    step_both(ap, a, bp, b, 3)
+    assert ca.hits == 2
+    before = [p.detach().clone() for p in ap]
+    set_grads(ap, 4)
+    ap[3].data = torch.zeros(5)
+    ap[3].grad = torch.ones(5)
+    before[3] = ap[3].detach().clone()
+    with pytest.raises(ValueError, match="parameter 3"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(ap, before))
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_bad_gradients_are_refused_by_the_plan(name):
+    """Gradients the plan refuses take the full path: a wrong dtype or shape raises there (with
+    nothing modified), a non-contiguous one is stepped there exactly."""
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    set_grads(ap, 2)
+    before = [p.detach().clone() for p in ap]
+    for bad in (ap[1].grad.double(), ap[1].grad.reshape(-1)):
+        ap[1].grad.data = bad  # (assigning .grad itself refuses these)
+        with pytest.raises(ValueError, match="gradient of parameter 1"):
+            a.step()
+        assert all(torch.equal(p, q) for p, q in zip(ap, before))
+    for ps in (ap, bp):
+        set_grads(ps, 3)
+        ps[1].grad = ps[1].grad.t().contiguous().t()  # (3, 5) transposed view: not contiguous
+    a.step()
+    b.step()
+    assert_same(ap, a, bp, b)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_gradient_overlapping_a_written_tensor_is_refused(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    set_grads(ap, 2)
+    ap[2].grad = ap[2].detach()  # the parameter's own memory: the pass would read what it writes
+    before = [p.detach().clone() for p in ap]
+    with pytest.raises(RuntimeError, match="overlaps|same memory"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(ap, before))
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED))
+def test_bad_step_counter_is_refused_by_the_plan(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    a.state[ap[0]]["step"].fill_(-3.0)  # in place: the plan still holds the tensor
+    set_grads(ap, 2)
+    before = [p.detach().clone() for p in ap]
+    with pytest.raises(ValueError, match="state 'step'"):
+        a.step()
+    assert all(torch.equal(p, q) for p, q in zip(ap, before))
+    assert float(a.state[ap[1]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("name", sorted(COUNTED))
+def test_fingerprints_stale_after_in_place_write_on_planned_step(name):
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b, steps=3)
+    key = a._roles(a.param_groups[0])[2]
+    for ps, o in ((ap, a), (bp, b)):
+        o.state[ps[1]][key].add_(1.0)
+    fa, fb = a.fingerprints(ap[1]), b.fingerprints(bp[1])
+    assert fa == fb
+    assert fa[key] == memstate.fingerprint(a.state[ap[1]][key])
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("name", OPTS)
+def test_mixed_dtypes_and_duplicate_listing(name):
+    cls, kw, _ = OPTS[name]
+    runs = []
+    for _ in range(2):
+        ps = make_params(0, [(5,), (3, 4), (6,)])
+        ps[1] = ps[1].detach().double().requires_grad_()
+        ps.append(torch.randn(7, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_())
+        runs.append((ps, cls(ps + [ps[0]], fingerprint=True, **kw)))  # ps[0] listed twice
+    (ap, a), (bp, b) = runs
+    ca, _ = Counting(a), Counting(b, enabled=False)
+    for s in range(4):
+        step_both(ap, a, bp, b, s)
+    assert ca.hits == 3
+    assert_same_all(ap, a, bp, b)
+
+
+def test_skip_if_nonfinite_takes_the_full_path():
+    ap, a, ca, bp, b, _ = opt_pair("adamw", skip_if_nonfinite=True)
+    for s in range(3):
+        step_both(ap, a, bp, b, s)
+    assert ca.hits == 0
+    for ps in (ap, bp):
+        set_grads(ps, 3)
+        ps[0].grad[0] = float("nan")
+    a.step()
+    b.step()
+    assert a.last_step_skipped and b.last_step_skipped
+    assert_same(ap, a, bp, b)
+
+
+def test_state_versioning_counts_mutations():
+    ap, a, *_ = opt_pair("adamw")
+    set_grads(ap, 0)
+    a.step()
+    cell = a.state._cell
+    v = cell[0]
+    st = a.state[ap[0]]
+    for mutate in (lambda: st.__setitem__("x", 1), lambda: st.update(y=2), lambda: st.pop("x"),
+                   lambda: st.setdefault("z", 3), lambda: st.__delitem__("z"), lambda: st.popitem(),
+                   lambda: a.state.__setitem__(ap[1], dict(a.state[ap[1]])), lambda: a.state.pop(ap[2]),
+                   lambda: a.state[torch.zeros(1)]):
+        mutate()
+        assert cell[0] > v
+        v = cell[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", OPTS)
+def test_cuda_plan_equals_full_path(name):
+    cls, kw, _ = OPTS[name]
+    ap = [p.detach().cuda().requires_grad_() for p in make_params(0)]
+    bp = [p.detach().cuda().requires_grad_() for p in make_params(0)]
+    a, b = cls(ap, fingerprint=True, **kw), cls(bp, fingerprint=True, **kw)
+    ca, _ = Counting(a), Counting(b, enabled=False)
+    for s in range(4):
+        for ps in (ap, bp):
+            set_grads(ps, s)
+            for p in ps:
+                p.grad = p.grad.cuda()
+        a.step()
+        b.step()
+        assert_same(ap, a, bp, b)
+    assert ca.hits == 3

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../optim_ops.h"
+#include "../optim_plan.h"
 #include "kernels.h"
 #include "memstate/msfp1.h"
 #include "memstate/optim_math.h"
@@ -133,6 +134,14 @@ struct CpuRunner {
   }
 };
 
+// Cached step plans (optim_plan.h) run on the same runner; nothing to prepare on the CPU.
+const PlanDevice kCpuPlanDevice = {
+    [](PlanBucket&) {},
+    [](PlanKind kind, PlanBucket& b, const double* s, bool fingerprint) {
+      return run_plan_bucket(CpuRunner{}, kind, b, s, fingerprint);
+    }};
+const bool kCpuPlanRegistered = (g_plan_devices[0] = &kCpuPlanDevice, true);
+
 // Whether any element of any tensor is NaN or +-Inf (floating dtypes only). 0-d bool tensor.
 at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
   c10::Device device(c10::kCPU);
@@ -173,26 +182,11 @@ std::vector<double> increment_steps_cpu(at::TensorList steps) {
   std::vector<double> out(steps.size());
   std::vector<ByteRange> ranges;
   for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.numel() == 1 && s.device().is_cpu() &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "memstate.increment_steps: steps[", i, "] must be a one-element float32/float64 CPU tensor, got ",
-                s.scalar_type(), " ", s.sizes(), " on ", s.device());
-    ranges.push_back(byte_range(s, "steps", i, true));
+    check_step_counter(steps[i], "increment_steps", i);
+    ranges.push_back(byte_range(steps[i], "steps", i, true));
   }
   check_no_overlap(std::move(ranges), "increment_steps");  // a counter listed twice
-  for (size_t i = 0; i < steps.size(); ++i) {
-    const at::Tensor& s = steps[i];
-    if (s.scalar_type() == at::kFloat) {
-      float* v = s.data_ptr<float>();
-      *v = *v + 1.0f;
-      out[i] = *v;
-    } else {
-      double* v = s.data_ptr<double>();
-      *v = *v + 1.0;
-      out[i] = *v;
-    }
-  }
+  for (size_t i = 0; i < steps.size(); ++i) out[i] = increment_step(steps[i]);
   return out;
 }
 

@@ -1,7 +1,8 @@
 // CUDA glue of the fused optimizer ops (tier 2): the device-independent entry points of
 // optim_ops.h (checks, float64 scalars rounded once, dtype/flag dispatch) with a runner that
 // builds the task and chunk tables, ships them in one pinned, stream-ordered copy and launches
-// the torch-free kernels of optim_kernels.cu on the current stream. No host sync.
+// the torch-free kernels of optim_kernels.cu on the current stream. No host sync. Cached step
+// plans (optim_plan.h) keep their chunk table on the device and upload only the task table.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +12,7 @@
 
 #include "../cpu/kernels.h"
 #include "../optim_ops.h"
+#include "../optim_plan.h"
 #include "glue_util.h"
 #include "kernels.h"
 
@@ -21,50 +23,117 @@ namespace {
 
 constexpr int64_t kMaxGrid = (int64_t{1} << 31) - 1;
 
+// The chunk size shared with the CPU path: tests vary it to show results do not depend on it.
+// A multiple of 8 elements keeps every chunk 16-byte aligned and pair-aligned.
+int64_t checked_chunk_elems() {
+  const int64_t chunk = cpu::optim_chunk_elems();
+  TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "memstate: optimizer chunk size ", chunk,
+              " is not a positive multiple of 8");
+  return chunk;
+}
+
+// The chunk table of a step: (tensor, chunk index) for every `chunk` elements of every tensor.
+std::vector<OptimChunk> make_chunks(const OptimArgs& a, int64_t chunk) {
+  std::vector<OptimChunk> chunks;
+  for (int64_t i = 0; i < a.n; ++i) {
+    const int64_t nc = (a.roles[0][i].numel() + chunk - 1) / chunk;
+    TORCH_CHECK(nc <= kMaxGrid && static_cast<int64_t>(chunks.size()) + nc <= kMaxGrid,
+                "memstate: optimizer step has too many chunks at params[", i, "]");
+    for (int64_t c = 0; c < nc; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
+  }
+  return chunks;
+}
+
+// The task table of a step: every tensor's role pointers and per-tensor scalars.
+template <class M>
+std::vector<OptimTask> make_tasks(const OptimArgs& a, int roles, const std::vector<optim::TensorScalars<M>>& ts) {
+  std::vector<OptimTask> tasks(a.n);
+  for (int64_t i = 0; i < a.n; ++i) {
+    OptimTask& t = tasks[i];
+    for (int r = 0; r < kOptimMaxRoles; ++r) t.roles[r] = r < roles ? a.roles[r][i].data_ptr() : nullptr;
+    t.numel = a.roles[0][i].numel();
+    t.s0 = static_cast<double>(ts[i].s0);  // exact: a double holds every float
+    t.s1 = static_cast<double>(ts[i].s1);
+    t.flag = ts[i].flag;
+    t.reserved = 0;
+  }
+  return tasks;
+}
+
+// Launches `op` over device task and chunk tables on the current stream; returns the
+// fingerprint rows (or an empty tensor) on the device.
+template <class Op>
+at::Tensor launch_step(const Op& op, const OptimArgs& a, const OptimTask* tasks, const OptimChunk* chunks,
+                       int64_t nchunks, int64_t chunk, bool fingerprint) {
+  const c10::Device device = a.roles[0][0].device();
+  at::Tensor out;
+  unsigned long long* sums = nullptr;
+  if (fingerprint) {
+    out = at::zeros({a.n, Op::kRoles, 2}, at::TensorOptions().dtype(at::kLong).device(device));
+    sums = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  launch_optim(op, tasks, a.n, chunks, nchunks, chunk, sums, stream);
+  check_launch("optimizer step");
+  return fingerprint ? out : at::empty({0}, at::TensorOptions().dtype(at::kLong).device(device));
+}
+
+template <class Op>
+void check_cuda_args(const OptimArgs& a, const std::vector<optim::TensorScalars<typename Op::M>>& ts) {
+  TORCH_INTERNAL_ASSERT(a.nroles == Op::kRoles && a.n > 0 && static_cast<int64_t>(ts.size()) == a.n);
+  TORCH_CHECK(a.roles[0][0].device().is_cuda(), "memstate: CUDA optimizer step got params[0] on ",
+              a.roles[0][0].device());
+}
+
+// The ops' runner: builds the task and chunk tables, ships them in one pinned, stream-ordered
+// copy and launches.
 struct CudaRunner {
   template <class Op>
   static at::Tensor run(const Op& op, const OptimArgs& a,
                         const std::vector<optim::TensorScalars<typename Op::M>>& ts, bool fingerprint) {
-    constexpr int R = Op::kRoles;
-    TORCH_INTERNAL_ASSERT(a.nroles == R && a.n > 0 && static_cast<int64_t>(ts.size()) == a.n);
-    const c10::Device device = a.roles[0][0].device();
-    TORCH_CHECK(device.is_cuda(), "memstate: CUDA optimizer step got params[0] on ", device);
-    c10::cuda::CUDAGuard guard(device);
-    // The CPU and CUDA paths share the chunk setting: tests vary it to show results do not
-    // depend on it. A multiple of 8 elements keeps every chunk 16-byte aligned and pair-aligned.
-    const int64_t chunk = cpu::optim_chunk_elems();
-    TORCH_CHECK(chunk >= 8 && chunk % 8 == 0, "memstate: optimizer chunk size ", chunk,
-                " is not a positive multiple of 8");
-
-    std::vector<OptimTask> tasks(a.n);
-    std::vector<OptimChunk> chunks;
-    for (int64_t i = 0; i < a.n; ++i) {
-      OptimTask& t = tasks[i];
-      for (int r = 0; r < kOptimMaxRoles; ++r) t.roles[r] = r < R ? a.roles[r][i].data_ptr() : nullptr;
-      t.numel = a.roles[0][i].numel();
-      t.s0 = static_cast<double>(ts[i].s0);  // exact: a double holds every float
-      t.s1 = static_cast<double>(ts[i].s1);
-      t.flag = ts[i].flag;
-      t.reserved = 0;
-      const int64_t nc = (t.numel + chunk - 1) / chunk;
-      TORCH_CHECK(nc <= kMaxGrid && static_cast<int64_t>(chunks.size()) + nc <= kMaxGrid,
-                  "memstate: optimizer step has too many chunks at params[", i, "]");
-      for (int64_t c = 0; c < nc; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
-    }
-    const auto tables = upload_tables(tasks, chunks, device);
-
-    at::Tensor out;
-    unsigned long long* sums = nullptr;
-    if (fingerprint) {
-      out = at::zeros({a.n, R, 2}, at::TensorOptions().dtype(at::kLong).device(device));
-      sums = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
-    }
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-    launch_optim(op, tables.a, a.n, tables.b, static_cast<int64_t>(chunks.size()), chunk, sums, stream);
-    check_launch("optimizer step");
-    return fingerprint ? out : at::empty({0}, at::TensorOptions().dtype(at::kLong).device(device));
+    check_cuda_args<Op>(a, ts);
+    c10::cuda::CUDAGuard guard(a.roles[0][0].device());
+    const int64_t chunk = checked_chunk_elems();
+    const std::vector<OptimChunk> chunks = make_chunks(a, chunk);
+    const auto tables = upload_tables(make_tasks(a, Op::kRoles, ts), chunks, a.roles[0][0].device());
+    return launch_step(op, a, tables.a, tables.b, static_cast<int64_t>(chunks.size()), chunk, fingerprint);
   }
 };
+
+// A cached plan's runner (optim_plan.h): the chunk table was uploaded once, when the plan was
+// built (plan_prepare); each step ships only the task table (pointers and per-tensor scalars,
+// which change every step: Adam's bias corrections).
+struct CudaPlanRunner {
+  const PlanBucket& bucket;
+
+  template <class Op>
+  at::Tensor run(const Op& op, const OptimArgs& a, const std::vector<optim::TensorScalars<typename Op::M>>& ts,
+                 bool fingerprint) const {
+    check_cuda_args<Op>(a, ts);
+    const c10::Device device = a.roles[0][0].device();
+    c10::cuda::CUDAGuard guard(device);
+    const std::vector<OptimTask> tasks = make_tasks(a, Op::kRoles, ts);
+    const at::Tensor dev_tasks = upload(tasks.data(), tasks.size() * sizeof(OptimTask), device);
+    const auto* chunks = static_cast<const OptimChunk*>(bucket.device_table.const_data_ptr());
+    const int64_t nchunks = bucket.device_table.numel() / static_cast<int64_t>(sizeof(OptimChunk));
+    return launch_step(op, a, static_cast<const OptimTask*>(dev_tasks.const_data_ptr()), chunks, nchunks,
+                       bucket.chunk_elems, fingerprint);
+  }
+};
+
+void plan_prepare(PlanBucket& b) {
+  const c10::Device device = b.args.roles[0][0].device();
+  c10::cuda::CUDAGuard guard(device);
+  b.chunk_elems = checked_chunk_elems();
+  const std::vector<OptimChunk> chunks = make_chunks(b.args, b.chunk_elems);
+  b.device_table = upload(chunks.data(), chunks.size() * sizeof(OptimChunk), device);
+}
+
+const PlanDevice kCudaPlanDevice = {
+    &plan_prepare, [](PlanKind kind, PlanBucket& b, const double* s, bool fingerprint) {
+      return run_plan_bucket(CudaPlanRunner{b}, kind, b, s, fingerprint);
+    }};
+const bool kCudaPlanRegistered = (g_plan_devices[1] = &kCudaPlanDevice, true);
 
 // Storage word width and exponent mask of a floating dtype; false for dtypes the scan does not
 // know (the CPU path rejects the same ones).

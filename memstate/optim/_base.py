@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -167,6 +167,131 @@ def _check_not_capturing(name: str) -> None:
         )
 
 
+class _ParamState(dict):
+    """One parameter's optimizer state (``optimizer.state[p]``): a plain dict that counts every
+    mutation in its optimizer's state version (``_StateDict``), so a cached step plan notices an
+    entry created, replaced or deleted without looking at any entry. Copies and pickles are
+    plain dicts (``state_dict()`` hands out plain dicts too)."""
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: List[int], *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cell = cell
+
+    def _bump(self):
+        self._cell[0] += 1
+
+    def __setitem__(self, key, value):
+        self._bump()
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._bump()
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self._bump()
+        return super().__ior__(other)
+
+    def pop(self, *args):
+        self._bump()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._bump()
+        return super().popitem()
+
+    def clear(self):
+        self._bump()
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        self._bump()
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._bump()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+class _StateDict(defaultdict):
+    """``optimizer.state`` of memstate's fused optimizers: torch's ``defaultdict(dict)`` whose
+    per-parameter dicts are ``_ParamState`` and which counts, in ``_cell[0]``, every mutation of
+    itself or of any of them (a dict stored here is copied into a ``_ParamState``). Comparing
+    that one number is how a cached step plan knows no state entry changed since it was built.
+    (Writing through ``dict.__setitem__`` directly bypasses the count; don't.)"""
+
+    def __init__(self, items=None):
+        super().__init__(dict)
+        self._cell = [0]
+        for k, v in (items or {}).items():
+            super().__setitem__(k, self._wrap(v))
+
+    def _wrap(self, v):
+        if isinstance(v, dict) and not (type(v) is _ParamState and v._cell is self._cell):
+            return _ParamState(self._cell, v)
+        return v
+
+    def __missing__(self, key):
+        value = self[key] = _ParamState(self._cell)
+        return value
+
+    def __setitem__(self, key, value):
+        self._cell[0] += 1
+        super().__setitem__(key, self._wrap(value))
+
+    def __delitem__(self, key):
+        self._cell[0] += 1
+        super().__delitem__(key)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def pop(self, *args):
+        self._cell[0] += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._cell[0] += 1
+        return super().popitem()
+
+    def clear(self):
+        self._cell[0] += 1
+        super().clear()
+
+    def update(self, *args, **kwargs):
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return self[key]
+
+    def __reduce__(self):
+        return _StateDict, (dict(self),)
+
+    def __copy__(self):
+        return _StateDict(self)
+
+
+class _StepPlan:
+    """A cached step (see ``FusedOptimizer._build_plan``): the native ``StepPlan`` and what the
+    per-step Python check compares (the state dict and its version, each group's parameters and
+    kernel roles), plus the buckets' parameters and roles for the fingerprint rows."""
+
+    __slots__ = ("native", "state", "version", "groups", "buckets", "stepped", "watch", "counted")
+
+    def __init__(self, native, state, groups, buckets, stepped, watch, counted):
+        self.native, self.state, self.version = native, state, state._cell[0]
+        self.groups, self.buckets, self.stepped, self.watch, self.counted = groups, buckets, stepped, watch, counted
+
+
 class FusedOptimizer(Optimizer):
     """Base of memstate.optim.SGD / Adam / AdamW: a torch.optim.Optimizer whose step is one
     native multi-tensor pass per (device, dtype) bucket of each param group.
@@ -206,10 +331,11 @@ class FusedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._pending: List[Tuple[List[torch.Tensor], Tuple[str, ...], torch.Tensor]] = []
         self._fingerprints: Dict[int, Dict[str, Fingerprint]] = {}
-        self._plan = None  # see _plan_key / _planned_step; None: next step builds it
+        self._plan: Optional[_StepPlan] = None  # see _build_plan / _planned_step; None: next step builds it
         self._fp_watch: List[torch.Tensor] = []  # the tensors behind _fingerprints ...
-        self._fp_versions: List[int] = []  # ... and their version counters when fingerprinted
+        self._fp_versions = []  # ... and their version counters when fingerprinted (or the native plan that has them)
         super().__init__(params, defaults)
+        self.state = _StateDict(self.state)
 
     def __getstate__(self):
         # torch.optim pickles defaults, state and param_groups only; keep our options too
@@ -228,6 +354,17 @@ class FusedOptimizer(Optimizer):
         self.fingerprint, self.skip_if_nonfinite, self.skipped_steps = options
         self.last_step_skipped = False
         self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+        self._fp_versions = []
+        if not isinstance(self.state, _StateDict):  # load_state_dict, unpickling, deepcopy
+            self.state = _StateDict(self.state)
+
+    def state_dict(self):
+        """torch.optim's state_dict, with every parameter's state as a plain dict (the live
+        ``_ParamState`` dicts are memstate's; the tensors are shared, as torch's)."""
+        sd = super().state_dict()
+        if isinstance(sd.get("state"), dict):
+            sd["state"] = {k: dict(v) if isinstance(v, _ParamState) else v for k, v in sd["state"].items()}
+        return sd
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -420,15 +557,100 @@ class FusedOptimizer(Optimizer):
         return loss
 
     # ------------------------------------------------------------------------------ cached plans
-    def _build_plan(self):
-        """Hook: the cached argument lists of the step just run, or None (no cached path). A
-        plan is used by ``_planned_step`` only while ``_plan_key()`` is unchanged."""
-        return None
+    # One generic mechanism for every fused optimizer (docs/optim.md, "Cached step plans"): a
+    # subclass names its native kind (_plan_kind, csrc/optim_plan.h's PlanKind) and the scalars
+    # a group passes (_plan_scalars); its kernel roles (_roles) name the state keys.
+    _plan_kind: Optional[int] = None  # None: no cached plan, every step takes the full path
+    _plan_counted = False  # whether the plan holds torch's `step` counters (StepCounted)
+
+    def _plan_scalars(self, group) -> List[float]:
+        """The group's scalars in the order of the native kind (read every step)."""
+        raise NotImplementedError
+
+    def _plan_watch(self, stepped: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Tensors whose writes make the step's fingerprints stale (StepCounted: ``_watch``)."""
+        return []
+
+    def _build_plan(self) -> Optional[_StepPlan]:
+        """The plan of the step just run, or None (the next step takes the full path again).
+        Only for real, contiguous parameters with dense gradients, without skip_if_nonfinite,
+        and while ``self.state`` is memstate's versioned ``_StateDict``."""
+        state = self.state
+        if self._plan_kind is None or self.skip_if_nonfinite or type(state) is not _StateDict:
+            return None
+        groups, buckets, params, states, steps = [], [], [], [], []
+        sizes, gidx, nstates, absent = [], [], [], []
+        try:
+            for gi, group in enumerate(self.param_groups):
+                plist = list(group["params"])
+                roles = self._roles(group)
+                groups.append((plist, roles))
+                with_grad = []
+                for p in plist:
+                    g = p.grad
+                    if g is None:
+                        absent.append(p)
+                    elif g.is_sparse or not _plain(p):
+                        return None  # the full path (_KernelViews, _step_sparse)
+                    else:
+                        with_grad.append(p)
+                keys = roles[2:]
+                for bucket in self._buckets(with_grad):
+                    sts = [state.get(p) for p in bucket]
+                    if (keys or self._plan_counted) and not all(
+                            type(st) is _ParamState and st._cell is state._cell for st in sts):
+                        return None
+                    for k in keys:
+                        states += [st[k] for st in sts]
+                    if self._plan_counted:
+                        steps += [st["step"] for st in sts]
+                    params += bucket
+                    sizes.append(len(bucket))
+                    gidx.append(gi)
+                    nstates.append(len(keys))
+                    buckets.append((bucket, roles))
+            stepped = [p for b, _ in buckets for p in b]
+            watch = self._plan_watch(stepped) if self.fingerprint and stepped else []
+            native = torch.classes.memstate.StepPlan(self._plan_kind, params, states, steps, sizes, gidx, nstates,
+                                                     self._plan_counted, absent, watch)
+        except (KeyError, RuntimeError):
+            return None
+        return _StepPlan(native, state, groups, buckets, stepped, watch, self._plan_counted)
 
     def _planned_step(self) -> bool:
-        """Hook: runs the step from the cached plan and returns True, or returns False (nothing
-        done) when there is no valid plan; the full path then checks, steps and rebuilds it."""
-        return False
+        """Runs the step from the cached plan and returns True, or returns False with nothing
+        modified; the full path then checks (raising the error naming the offender), steps and
+        rebuilds the plan. Python checks what only Python sees, in O(groups) plus one C-level
+        identity pass over each group's parameter list: the state version (any state dict
+        mutation), each group's parameters and kernel roles, its hyperparameters. The native
+        plan checks the rest per tensor (gradients, storage of every held tensor)."""
+        plan = self._plan
+        if plan is None:
+            return False
+        state = self.state
+        if state is not plan.state or state._cell[0] != plan.version or len(self.param_groups) != len(plan.groups):
+            return False
+        scalars: List[float] = []
+        try:
+            for gi, (group, (saved, roles)) in enumerate(zip(self.param_groups, plan.groups)):
+                plist = group["params"]
+                if len(plist) != len(saved) or not all(map(operator.is_, plist, saved)) or self._roles(group) != roles:
+                    return False
+                self._check_group(gi, group)
+                scalars += self._plan_scalars(group)
+        except (ValueError, TypeError, KeyError):
+            return False  # the full path raises it
+        out = plan.native.step(scalars, self.fingerprint)
+        if not out:
+            return False
+        self.last_step_skipped = False
+        self._pending, self._fingerprints, self._fp_watch = [], {}, []
+        if self.fingerprint:
+            self._pending = [(bucket, roles, rows) for (bucket, roles), rows in zip(plan.buckets, out)]
+            if plan.counted and plan.stepped:
+                self._pending.append((plan.stepped, ("step",), out[-1].unsqueeze(1)))
+            self._fp_watch, self._fp_versions = plan.watch, plan.native  # versions recorded natively
+        return True
 
     def _begin_step(self, groups_params: List[List[torch.Tensor]]) -> None:
         """Hook: called once the step is checked and will run, before the first update."""
@@ -440,6 +662,8 @@ class FusedOptimizer(Optimizer):
     def _fingerprints_stale(self) -> bool:
         """Whether a tensor behind the last step's fingerprints was written since (e.g. by
         ``Snapshot.restore``, which bumps versions, or by replacing a state entry)."""
+        if not isinstance(self._fp_versions, list):  # recorded by a native plan's step
+            return self._fp_versions.watch_stale()
         return list(map(_VERSION, self._fp_watch)) != self._fp_versions
 
     def _materialise(self) -> None:

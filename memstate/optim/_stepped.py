@@ -39,18 +39,21 @@ class StepCounted(FusedOptimizer):
             raise ValueError(f"memstate.optim.{self._name}: state 'step' of {self._param_label(p)} must be a "
                              f"float32 or float64 CPU tensor (as load_state_dict leaves it), got {step!r}")
 
-    def _after_fingerprinted_step(self, plan=None):
+    _plan_counted = True  # cached plans hold, increment and fingerprint the step counters natively
+
+    def _plan_watch(self, stepped):
+        return self._watch(stepped)
+
+    def _after_fingerprinted_step(self):
         # The step counters are tensor state too: fingerprint them in one native call, kept
-        # pending like the kernel's rows until someone asks. `plan`: the cached plan the step
-        # ran from (its parameter, step-counter and watch lists are this step's).
-        params = [p for bucket, _, _ in self._pending for p in bucket] if plan is None else plan["stepped"]
+        # pending like the kernel's rows until someone asks (a cached plan's step returns them).
+        params = [p for bucket, _, _ in self._pending for p in bucket]
         if not params:  # no parameter had a gradient: nothing stepped, nothing to fingerprint
             return
-        steps = [self.state[p]["step"] for p in params] if plan is None else plan["steps"]
-        rows = _ext.ops().fingerprint(steps)
+        rows = _ext.ops().fingerprint([self.state[p]["step"] for p in params])
         self._pending.append((params, ("step",), rows.unsqueeze(1)))
         # versions of what was fingerprinted: a later write (Snapshot.restore) makes them stale
-        self._fp_watch = self._watch(params) if plan is None else plan["watch"]
+        self._fp_watch = self._watch(params)
         self._fp_versions = list(map(_VERSION, self._fp_watch))
 
     def _watch(self, params):

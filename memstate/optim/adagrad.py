@@ -77,6 +77,12 @@ class Adagrad(StepCounted):
     def _roles(self, group):
         return ("param", "grad", "sum")
 
+    _plan_kind = 3  # csrc/optim_plan.h PlanKind::kAdagrad
+
+    def _plan_scalars(self, group):
+        return [float(group["lr"]), float(group["lr_decay"]), float(group["eps"]), float(group["weight_decay"]),
+                float(bool(group["maximize"]))]
+
     def _check_hparams(self, group):
         _check_adagrad_hparams(group["lr"], group["lr_decay"], group["weight_decay"],
                                group["initial_accumulator_value"], group["eps"])

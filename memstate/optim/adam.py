@@ -1,13 +1,12 @@
 """memstate.optim.Adam and AdamW: fused, deterministic, with in-pass fingerprints."""
 from __future__ import annotations
 
-import operator
 from typing import List, Optional, Tuple
 
 import torch
 
 from memstate import _ext
-from memstate.optim._base import _check_impl_flags, _check_lr, _plain, _scalar_dtype, _state_like
+from memstate.optim._base import _check_impl_flags, _check_lr, _scalar_dtype, _state_like
 from memstate.optim._stepped import StepCounted
 
 
@@ -137,89 +136,13 @@ class Adam(StepCounted):
             bool(group["amsgrad"]), bool(group["maximize"]), self.fingerprint,
         )
 
-    # ------------------------------------------------------------------ cached plan (see docs/optim.md)
-    def _plan_groups(self):
-        """Per group: (params, ids of group['params'], grads, whether each grad is None, amsgrad).
-        The cheap part of the plan key, recomputed every step (one pass over the parameters)."""
-        out = []
-        for group in self.param_groups:
-            plist = group["params"]
-            grads = [p.grad for p in plist]
-            out.append((plist, list(map(id, plist)), grads, [g is None for g in grads], bool(group["amsgrad"])))
-        return out
+    _plan_kind = 1  # csrc/optim_plan.h PlanKind::kAdam
 
-    def _state_refs(self, params):
-        """The state dicts and tensors the kernel reads for ``params`` (identity compared)."""
-        state = self.state
-        refs = []
-        for p in params:
-            st = state.get(p)
-            refs.append(st)
-            if st:
-                refs.append(st.get("step"))
-                refs.append(st.get("exp_avg"))
-                refs.append(st.get("exp_avg_sq"))
-                refs.append(st.get("max_exp_avg_sq"))
-        return refs
-
-    def _build_plan(self):
-        if self.skip_if_nonfinite:
-            return None
-        groups = self._plan_groups()
-        if not all(_plain(p) for plist, _, _, none, _ in groups for p, n in zip(plist, none) if not n):
-            return None  # complex / non-contiguous parameters: always the full path (_KernelViews)
-        buckets = []
-        for group, (plist, _, grads, none, amsgrad) in zip(self.param_groups, groups):
-            params = [p for p, n in zip(plist, none) if not n]
-            for bucket in self._buckets(params):
-                states = [self.state[p] for p in bucket]
-                buckets.append((group, bucket, [st["exp_avg"] for st in states],
-                                [st["exp_avg_sq"] for st in states],
-                                [st["max_exp_avg_sq"] for st in states] if amsgrad else [],
-                                [st["step"] for st in states], self._roles(group)))
-        stepped = [p for b in buckets for p in b[1]]
-        return {"state": self.state, "groups": [(ids, none, amsgrad) for _, ids, _, none, amsgrad in groups],
-                "metas": [[(p.dtype, p.shape, p.device) for p in plist] for plist, *_ in groups],
-                "buckets": buckets, "stepped": stepped, "refs": self._state_refs(stepped),
-                "steps": [s for b in buckets for s in b[5]],
-                "watch": self._watch(stepped) if self.fingerprint else None}
-
-    def _planned_step(self) -> bool:
-        plan = self._plan
-        if plan is None or plan["state"] is not self.state or len(self.param_groups) != len(plan["groups"]):
-            return False
-        groups = self._plan_groups()
-        for (_, ids, _, none, amsgrad), key in zip(groups, plan["groups"]):
-            if (ids, none, amsgrad) != key:
-                return False
-        refs = self._state_refs(plan["stepped"])
-        if len(refs) != len(plan["refs"]) or not all(map(operator.is_, refs, plan["refs"])):
-            return False
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi, group)
-        # gradients: checked as the full path does (dtype, shape, device, dense), against each
-        # parameter's metadata when the plan was built (so `p.data = other shape` is caught too)
-        for (_, _, grads, none, _), metas in zip(groups, plan["metas"]):
-            for g, n, (dtype, shape, device) in zip(grads, none, metas):
-                if not n and (g.dtype != dtype or g.shape != shape or g.device != device or g.is_sparse):
-                    return False  # the full path raises the error naming the parameter
-        self.last_step_skipped = False
-        self._pending, self._fingerprints, self._fp_watch = [], {}, []
-        ops = _ext.ops()
-        for group, params, exp_avgs, exp_avg_sqs, maxes, steps, roles in plan["buckets"]:
-            grads = [self._grad(p) for p in params]
-            beta1, beta2 = group["betas"]
-            rows = ops.adam_step(
-                params, grads, exp_avgs, exp_avg_sqs, maxes, ops.increment_steps(steps),
-                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                float(group["weight_decay"]), bool(group["decoupled_weight_decay"]), bool(group["amsgrad"]),
-                bool(group["maximize"]), self.fingerprint,
-            )
-            if self.fingerprint:
-                self._pending.append((params, roles, rows))
-        if self.fingerprint:
-            self._after_fingerprinted_step(plan)
-        return True
+    def _plan_scalars(self, group):
+        beta1, beta2 = group["betas"]
+        return [float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                float(bool(group["decoupled_weight_decay"])), float(bool(group["amsgrad"])),
+                float(bool(group["maximize"]))]
 
     def _required_state_keys(self, saved_group):
         keys = ("step", "exp_avg", "exp_avg_sq")

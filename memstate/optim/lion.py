@@ -54,6 +54,13 @@ class Lion(FusedOptimizer):
     def _roles(self, group):
         return ("param", "grad", "exp_avg")
 
+    _plan_kind = 4  # csrc/optim_plan.h PlanKind::kLion
+
+    def _plan_scalars(self, group):
+        beta1, beta2 = group["betas"]
+        return [float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"]),
+                float(bool(group["maximize"]))]
+
     def _check_hparams(self, group):
         _check_lion_hparams(group["lr"], group["betas"], group["weight_decay"])
 

@@ -74,6 +74,12 @@ class RMSprop(StepCounted):
         return (("param", "grad", "square_avg") + (("momentum_buffer",) if group["momentum"] > 0 else ())
                 + (("grad_avg",) if group["centered"] else ()))
 
+    _plan_kind = 2  # csrc/optim_plan.h PlanKind::kRmsprop
+
+    def _plan_scalars(self, group):
+        return [float(group["lr"]), float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]),
+                float(group["momentum"]), float(bool(group["centered"])), float(bool(group["maximize"]))]
+
     def _check_hparams(self, group):
         _check_rmsprop_hparams(group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"])
 

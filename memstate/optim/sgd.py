@@ -72,6 +72,12 @@ class SGD(FusedOptimizer):
     def _roles(self, group):
         return ("param", "grad", "momentum_buffer") if group["momentum"] != 0 else ("param", "grad")
 
+    _plan_kind = 0  # csrc/optim_plan.h PlanKind::kSgd (a plan is built once every momentum buffer exists)
+
+    def _plan_scalars(self, group):
+        return [float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                float(group["weight_decay"]), float(bool(group["nesterov"])), float(bool(group["maximize"]))]
+
     def _check_hparams(self, group):
         _check_sgd_hparams(group["lr"], group["momentum"], group["dampening"], group["weight_decay"],
                            group.get("nesterov", False))
