@@ -23,7 +23,23 @@ struct OptimArgs {
   int nroles = 0;
   int64_t n = 0;
   at::ScalarType dtype = at::kFloat;
+  // What the runners read, filled once the tensors are checked (fill_raw): data[r * n + i] is
+  // role r of tensor i's first element, numel[i] tensor i's element count. A cached plan
+  // (optim_plan.h) keeps them and refreshes only the gradients' pointers every step.
+  std::vector<void*> data;
+  std::vector<int64_t> numel;
+
+  void* ptr(int r, int64_t i) const { return data[static_cast<size_t>(r * n + i)]; }
 };
+
+inline void fill_raw(OptimArgs& a) {
+  a.data.assign(static_cast<size_t>(a.nroles * a.n), nullptr);
+  a.numel.resize(static_cast<size_t>(a.n));
+  for (int r = 0; r < a.nroles; ++r) {
+    for (int64_t i = 0; i < a.n; ++i) a.data[static_cast<size_t>(r * a.n + i)] = a.roles[r][i].data_ptr();
+  }
+  for (int64_t i = 0; i < a.n; ++i) a.numel[static_cast<size_t>(i)] = a.roles[0][i].numel();
+}
 
 // Checks that every role list has one dense, contiguous tensor per parameter, all on one
 // device, with the parameter's dtype and shape, and that no written tensor (every role but
@@ -60,6 +76,7 @@ inline OptimArgs check_optim_args(const char* op, std::initializer_list<NamedLis
     }
   }
   check_no_overlap(std::move(ranges), op);
+  fill_raw(a);
   return a;
 }
 

@@ -51,14 +51,24 @@ inline int64_t plan_scalar_count(PlanKind k) {
   TORCH_CHECK(false, "memstate.StepPlan: unknown optimizer kind ", static_cast<int64_t>(k));
 }
 
-// One fused pass of a plan: args.roles[0] params, roles[1] the gradients (re-read every step),
-// roles[2..] state buffers, all checked at build time.
+// What a held tensor must still have for the plan to hold: its memory, element count, dtype.
+struct PlanSignature {
+  const void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+};
+
+// One fused pass of a plan: args.roles[0] params, roles[2..] state buffers, all checked at
+// build time; the gradients are re-read every step (args.data's grads column; roles[1] stays
+// empty).
 struct PlanBucket {
   int64_t group = 0;
   OptimArgs args;
   std::vector<at::Tensor> steps;     // step counters, one per tensor (or none)
   std::vector<double> step_values;   // their values after this step's increment
-  std::vector<int64_t> sizes;        // params' shapes at build time, concatenated
+  std::vector<PlanSignature> sig;    // per written role (role-major), then per step counter
+  std::vector<int64_t> sizes;        // params' shapes at build time, concatenated ...
+  std::vector<int64_t> size_off;     // ... tensor i's from size_off[i]
   std::vector<std::pair<uintptr_t, uintptr_t>> written;  // sorted, disjoint byte ranges written
   at::Tensor device_table;           // what the device runner keeps (CUDA: its chunk table) ...
   int64_t chunk_elems = 0;           // ... and the chunk size it was cut with
@@ -144,7 +154,11 @@ class StepPlan : public torch::CustomClassHolder {
         bucket.step_values.resize(n);
         ci += n;
       }
-      for (const at::Tensor& p : ps) bucket.sizes.insert(bucket.sizes.end(), p.sizes().begin(), p.sizes().end());
+      for (const at::Tensor& p : ps) {
+        bucket.size_off.push_back(static_cast<int64_t>(bucket.sizes.size()));
+        bucket.sizes.insert(bucket.sizes.end(), p.sizes().begin(), p.sizes().end());
+      }
+      bucket.size_off.push_back(static_cast<int64_t>(bucket.sizes.size()));
       for (int r = 0; r < bucket.args.nroles; ++r) {
         if (r == optim::kGrad) continue;
         for (const at::Tensor& t : bucket.args.roles[r]) {
@@ -163,11 +177,11 @@ class StepPlan : public torch::CustomClassHolder {
     for (PlanBucket& b : buckets_) {
       for (int r = 0; r < b.args.nroles; ++r) {
         if (r != optim::kGrad) {
-          for (const at::Tensor& t : b.args.roles[r]) held_.push_back(signature(t));
+          for (const at::Tensor& t : b.args.roles[r]) b.sig.push_back(signature(t));
         }
       }
-      for (const at::Tensor& s : b.steps) held_.push_back(signature(s));
-      b.args.roles[optim::kGrad].assign(b.args.n, at::Tensor());  // the grads are re-read every step
+      for (const at::Tensor& s : b.steps) b.sig.push_back(signature(s));
+      b.args.roles[optim::kGrad].clear();  // the grads are re-read every step
     }
   }
 
@@ -178,7 +192,6 @@ class StepPlan : public torch::CustomClassHolder {
   std::vector<at::Tensor> step(std::vector<double> scalars, bool fingerprint) {
     TORCH_CHECK(static_cast<int64_t>(scalars.size()) >= ngroups_ * nscalars_, "memstate.StepPlan.step: got ",
                 scalars.size(), " scalars; the plan's ", ngroups_, " groups take ", nscalars_, " each");
-    if (!still_valid()) return {};
     for (const PlanBucket& b : buckets_) {
       if (!flags_fit(b, scalars.data() + b.group * nscalars_)) return {};
     }
@@ -186,10 +199,7 @@ class StepPlan : public torch::CustomClassHolder {
       if (p.grad().defined()) return {};
     }
     for (PlanBucket& b : buckets_) {
-      if (!read_grads(b)) {
-        for (PlanBucket& c : buckets_) c.args.roles[optim::kGrad].assign(c.args.n, at::Tensor());
-        return {};
-      }
+      if (!ready(b)) return {};
     }
     // Everything checked: from here on the step runs.
     for (PlanBucket& b : buckets_) {
@@ -200,7 +210,6 @@ class StepPlan : public torch::CustomClassHolder {
     for (PlanBucket& b : buckets_) {
       const int dev = plan_device_index(b.args.roles[0][0].device());
       out.push_back(g_plan_devices[dev]->run(kind_, b, scalars.data() + b.group * nscalars_, fingerprint));
-      b.args.roles[optim::kGrad].assign(b.args.n, at::Tensor());  // do not keep gradients alive
     }
     out.push_back(fingerprint ? step_fingerprints() : at::empty({0, 2}, at::kLong));
     versions_.clear();
@@ -220,13 +229,7 @@ class StepPlan : public torch::CustomClassHolder {
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
  private:
-  struct Signature {
-    const void* data;
-    int64_t numel;
-    at::ScalarType dtype;
-  };
-
-  static Signature signature(const at::Tensor& t) { return {t.const_data_ptr(), t.numel(), t.scalar_type()}; }
+  static PlanSignature signature(const at::Tensor& t) { return {t.const_data_ptr(), t.numel(), t.scalar_type()}; }
 
   // The roles the kind's run reads (state roles as the flags will ask for them) are checked
   // again every step against the scalars (run_plan_bucket); here only their count is bounded.
@@ -255,59 +258,90 @@ class StepPlan : public torch::CustomClassHolder {
     return false;
   }
 
-  // Every held tensor still has the memory, element count, dtype and contiguity it had at build
-  // time (`p.data = other` or a resized state buffer fail here), every parameter its shape, and
-  // every step counter a finite count >= 0.
-  bool still_valid() const {
-    size_t h = 0;
-    for (const PlanBucket& b : buckets_) {
-      for (int r = 0; r < b.args.nroles; ++r) {
+  static void prefetch_impl(const at::Tensor& t) {
+    const char* q = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+    for (int o = 0; o < 256; o += 64) __builtin_prefetch(q + o);  // the fields the checks read
+  }
+
+  static void prefetch_storage(const at::Tensor& t) {
+    const c10::Storage& s = t.unsafeGetTensorImpl()->unsafe_storage();
+    if (s) __builtin_prefetch(s.unsafeGetStorageImpl());
+  }
+
+  // Whether the bucket still fits the plan, reading every gradient's pointer into the grads
+  // column of args.data: every held tensor has the memory, element count, dtype and contiguity
+  // it had at build time (`p.data = other` or a resized storage fail here), every parameter its
+  // shape, every step counter is a finite count >= 0, and every gradient is defined, dense, the
+  // parameter's dtype, shape and device, contiguous and overlaps no tensor the pass writes.
+  //
+  // The checks chase pointers through thousands of small objects (tensor -> storage -> data,
+  // parameter -> autograd meta -> gradient -> storage); blocks of tensors issue each level's
+  // loads together (software prefetch), so that their cache misses overlap.
+  static bool ready(PlanBucket& b) {
+    constexpr int64_t kBlock = 16;
+    const OptimArgs& a = b.args;
+    const int64_t n = a.n;
+    const auto& params = a.roles[0];
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t i1 = std::min(n, i0 + kBlock);
+      for (int r = 0; r < a.nroles; ++r) {
         if (r == optim::kGrad) continue;
-        for (const at::Tensor& t : b.args.roles[r]) {
-          const Signature& s = held_[h++];
+        for (int64_t i = i0; i < i1; ++i) prefetch_impl(a.roles[r][i]);
+      }
+      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) prefetch_impl(b.steps[i]);
+      for (int r = 0; r < a.nroles; ++r) {
+        if (r == optim::kGrad) continue;
+        for (int64_t i = i0; i < i1; ++i) prefetch_storage(a.roles[r][i]);
+      }
+      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) prefetch_storage(b.steps[i]);
+      for (int64_t i = i0; i < i1; ++i) __builtin_prefetch(params[i].unsafeGetTensorImpl()->autograd_meta());
+      for (int64_t i = i0; i < i1; ++i) prefetch_impl(params[i].grad());
+      for (int64_t i = i0; i < i1; ++i) prefetch_storage(params[i].grad());
+      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) __builtin_prefetch(b.steps[i].const_data_ptr());
+
+      size_t slot = 0;
+      for (int r = 0; r < a.nroles; ++r, ++slot) {
+        if (r == optim::kGrad) {
+          --slot;
+          continue;
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const at::Tensor& t = a.roles[r][i];
+          const PlanSignature& s = b.sig[slot * n + i];
           if (t.const_data_ptr() != s.data || t.numel() != s.numel || t.scalar_type() != s.dtype ||
               !t.is_contiguous() || t.is_conj() || t.is_neg()) {
             return false;
           }
         }
       }
-      for (const at::Tensor& t : b.steps) {
-        const Signature& s = held_[h++];
+      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) {
+        const at::Tensor& t = b.steps[i];
+        const PlanSignature& s = b.sig[slot * n + i];
         if (t.const_data_ptr() != s.data || t.numel() != s.numel || t.scalar_type() != s.dtype) return false;
         const double v = step_value(t);
         if (!std::isfinite(v) || v < 0) return false;
       }
-      size_t off = 0;
-      for (const at::Tensor& p : b.args.roles[0]) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const at::Tensor& p = params[i];
         const auto sz = p.sizes();
-        if (!std::equal(sz.begin(), sz.end(), b.sizes.begin() + off)) return false;
-        off += sz.size();
+        if (static_cast<int64_t>(sz.size()) != b.size_off[i + 1] - b.size_off[i] ||
+            !std::equal(sz.begin(), sz.end(), b.sizes.begin() + b.size_off[i])) {
+          return false;
+        }
+        const at::Tensor& g = p.grad();
+        if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
+            g.device() != p.device() || !g.is_contiguous() || g.is_conj() || g.is_neg() || g.sizes() != sz) {
+          return false;
+        }
+        const auto gb = reinterpret_cast<uintptr_t>(g.const_data_ptr());
+        const uintptr_t ge = gb + static_cast<uintptr_t>(g.numel()) * static_cast<uintptr_t>(g.element_size());
+        if (ge > gb) {
+          // the first written range starting at or after ge; the one before it must end by gb
+          auto it = std::lower_bound(b.written.begin(), b.written.end(), std::make_pair(ge, uintptr_t{0}));
+          if (it != b.written.begin() && std::prev(it)->second > gb) return false;
+        }
+        b.args.data[static_cast<size_t>(optim::kGrad * n + i)] = const_cast<void*>(g.const_data_ptr());
       }
-      if (off != b.sizes.size()) return false;
-    }
-    return true;
-  }
-
-  // Reads every parameter's gradient into the bucket's grads role: defined, dense, the
-  // parameter's dtype, shape and device, contiguous, overlapping no tensor the pass writes.
-  static bool read_grads(PlanBucket& b) {
-    std::vector<at::Tensor>& grads = b.args.roles[optim::kGrad];
-    const auto& params = b.args.roles[0];
-    for (int64_t i = 0; i < b.args.n; ++i) {
-      const at::Tensor& p = params[i];
-      const at::Tensor& g = p.grad();
-      if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
-          g.device() != p.device() || !g.is_contiguous() || g.is_conj() || g.is_neg() || g.sizes() != p.sizes()) {
-        return false;
-      }
-      const auto gb = reinterpret_cast<uintptr_t>(g.const_data_ptr());
-      const uintptr_t ge = gb + static_cast<uintptr_t>(g.numel()) * static_cast<uintptr_t>(g.element_size());
-      if (ge > gb) {
-        // the first written range starting at or after ge; the one before it must end by gb
-        auto it = std::lower_bound(b.written.begin(), b.written.end(), std::make_pair(ge, uintptr_t{0}));
-        if (it != b.written.begin() && std::prev(it)->second > gb) return false;
-      }
-      grads[i] = g;
     }
     return true;
   }
@@ -333,7 +367,6 @@ class StepPlan : public torch::CustomClassHolder {
   int64_t nscalars_ = 0;
   int64_t ngroups_ = 0;
   std::vector<PlanBucket> buckets_;
-  std::vector<Signature> held_;
   std::vector<at::Tensor> absent_;
   std::vector<at::Tensor> watch_;
   std::vector<int64_t> versions_;

@@ -79,6 +79,9 @@ void update_chunk(const Op& op, typename Op::storage_t* const* ptr,
 }
 
 struct CpuRunner {
+  static constexpr int64_t kAhead = 2;            // chunks
+  static constexpr int64_t kPrefetchBytes = 512;  // per role
+
   template <class Op>
   static at::Tensor run(const Op& op, const OptimArgs& a,
                         const std::vector<optim::TensorScalars<typename Op::M>>& ts, bool fingerprint) {
@@ -90,19 +93,31 @@ struct CpuRunner {
     std::vector<int64_t> chunk_begin(n + 1, 0);
     int64_t total_elems = 0;
     for (int64_t i = 0; i < n; ++i) {
-      total_elems += a.roles[0][i].numel();
-      chunk_begin[i + 1] = chunk_begin[i] + (a.roles[0][i].numel() + chunk - 1) / chunk;
+      total_elems += a.numel[i];
+      chunk_begin[i + 1] = chunk_begin[i] + (a.numel[i] + chunk - 1) / chunk;
     }
     const int64_t nchunks = chunk_begin[n];
     std::vector<uint64_t> partial(fingerprint ? nchunks * R * 2 : 0, 0);
     at::parallel_for(0, nchunks, chunk_grain(nchunks, total_elems * kElem * R), [&](int64_t cb, int64_t ce) {
       int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), cb) - chunk_begin.begin() - 1;
+      int64_t tp = t;  // the tensor of chunk c + kAhead, prefetched
       for (int64_t c = cb; c < ce; ++c) {
         while (chunk_begin[t + 1] <= c) ++t;
+        if (c + kAhead < ce) {
+          // Many small tensors are scattered in memory: fetch a later chunk's first cache lines
+          // of every role while this one computes (no effect on results).
+          while (chunk_begin[tp + 1] <= c + kAhead) ++tp;
+          const int64_t b = (c + kAhead - chunk_begin[tp]) * chunk;
+          const int64_t bytes = std::min<int64_t>((std::min(b + chunk, a.numel[tp]) - b) * kElem, kPrefetchBytes);
+          for (int r = 0; r < R; ++r) {
+            const char* q = static_cast<const char*>(a.ptr(r, tp)) + b * kElem;
+            for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o);
+          }
+        }
         T* ptr[R];
-        for (int r = 0; r < R; ++r) ptr[r] = static_cast<T*>(a.roles[r][t].data_ptr());
+        for (int r = 0; r < R; ++r) ptr[r] = static_cast<T*>(a.ptr(r, t));
         const int64_t begin = (c - chunk_begin[t]) * chunk;
-        const int64_t end = std::min(begin + chunk, a.roles[0][t].numel());
+        const int64_t end = std::min(begin + chunk, a.numel[t]);
         update_chunk(op, ptr, ts[t], begin, end);
         if (fingerprint) {
           // The chunk was just written: hashing it now reads cache, not memory.
@@ -119,7 +134,7 @@ struct CpuRunner {
     at::Tensor out = at::zeros({n, R, 2}, at::kLong);
     auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
     for (int64_t i = 0; i < n; ++i) {
-      const auto nbytes = static_cast<uint64_t>(a.roles[0][i].numel() * kElem);
+      const auto nbytes = static_cast<uint64_t>(a.numel[i] * kElem);
       for (int r = 0; r < R; ++r) {
         uint64_t s0 = 0, s1 = 0;
         for (int64_t c = chunk_begin[i]; c < chunk_begin[i + 1]; ++c) {

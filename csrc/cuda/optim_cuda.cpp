@@ -36,7 +36,7 @@ int64_t checked_chunk_elems() {
 std::vector<OptimChunk> make_chunks(const OptimArgs& a, int64_t chunk) {
   std::vector<OptimChunk> chunks;
   for (int64_t i = 0; i < a.n; ++i) {
-    const int64_t nc = (a.roles[0][i].numel() + chunk - 1) / chunk;
+    const int64_t nc = (a.numel[i] + chunk - 1) / chunk;
     TORCH_CHECK(nc <= kMaxGrid && static_cast<int64_t>(chunks.size()) + nc <= kMaxGrid,
                 "memstate: optimizer step has too many chunks at params[", i, "]");
     for (int64_t c = 0; c < nc; ++c) chunks.push_back({static_cast<int32_t>(i), static_cast<int32_t>(c)});
@@ -50,8 +50,8 @@ std::vector<OptimTask> make_tasks(const OptimArgs& a, int roles, const std::vect
   std::vector<OptimTask> tasks(a.n);
   for (int64_t i = 0; i < a.n; ++i) {
     OptimTask& t = tasks[i];
-    for (int r = 0; r < kOptimMaxRoles; ++r) t.roles[r] = r < roles ? a.roles[r][i].data_ptr() : nullptr;
-    t.numel = a.roles[0][i].numel();
+    for (int r = 0; r < kOptimMaxRoles; ++r) t.roles[r] = r < roles ? a.ptr(r, i) : nullptr;
+    t.numel = a.numel[i];
     t.s0 = static_cast<double>(ts[i].s0);  // exact: a double holds every float
     t.s1 = static_cast<double>(ts[i].s1);
     t.flag = ts[i].flag;
