@@ -194,14 +194,14 @@ def test_constructor_validates_naming_the_option(name, value):
         ms([torch.nn.Parameter(torch.zeros(2))], max_grad_norm=value)
 
 
-def test_a_step_that_raises_scales_nothing():
+def test_a_step_refused_for_a_group_scales_nothing():
     ps = leaves(make_init(SHAPES[:3], seed=15))
-    opt = mo.Adam(ps, max_grad_norm=0.1)
+    opt = mo.Adam([{"params": ps[:2]}, {"params": ps[2:]}], max_grad_norm=0.1)
     set_grads(ps, make_grads(SHAPES[:3], 1, seed=16)[0])
     opt.step()
-    opt.state[ps[2]]["exp_avg"] = torch.zeros(5)  # wrong shape: the next step raises
     grads = [p.grad.clone() for p in ps]
-    with pytest.raises(ValueError, match="exp_avg"):
+    opt.param_groups[1]["eps"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
         opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(ps, grads))
 

@@ -35,16 +35,21 @@ def check_max_grad_norm(value) -> Optional[float]:
     return float(value)
 
 
-def _stepped_params(opt) -> List[torch.Tensor]:
+def _stepped_params(opt, check_grads: bool) -> List[torch.Tensor]:
     """The parameters whose gradients the step will read, each once, in parameter order. Checks
-    every group, gradient and state tensor first, as the step does, so a step that would raise
-    raises here, before any gradient is scaled."""
+    every group's hyperparameters and, with ``check_grads``, every gradient (dtype, shape,
+    device, layout) as the step does, so such errors are raised before any gradient is scaled.
+    (The state tensors are checked by the step itself, after the scaling: re-checking them here
+    doubled the per-parameter host cost of a step.)"""
+    from memstate.optim._base import FusedOptimizer  # (_base imports this module)
+
     out, seen = [], set()
     for gi, group in enumerate(opt.param_groups):
         params = opt._params_with_grad(group)
         opt._check_group(gi, group)
         for p in params:
-            opt._check_param(group, p)
+            if check_grads:
+                FusedOptimizer._check_param(opt, group, p)  # the gradient only, not the state
             if id(p) in seen:
                 continue
             seen.add(id(p))
@@ -60,6 +65,8 @@ def clip_before_step(opt) -> None:
     """Runs at the start of every ``FusedOptimizer.step``: nothing when ``max_grad_norm`` is None;
     else sets ``opt.last_grad_norm`` (the pre-clip norm, a 0-d tensor as clip_grad_norm_ returns)
     and scales the gradients in place (LAMB: records the float64 norm for its kernel instead).
+    Group hyperparameters and gradients are checked first (a step refused for them has scaled
+    nothing); state tensors are checked by the step, after the scaling.
 
     With ``skip_if_nonfinite`` the non-finite check comes first: if the step is going to be
     skipped, no norm is computed and nothing is scaled (``last_grad_norm`` stays None). On CUDA
@@ -70,7 +77,8 @@ def clip_before_step(opt) -> None:
     opt._grad_norm_f64 = None
     if opt.max_grad_norm is None:
         return
-    params = _stepped_params(opt)
+    in_kernel = getattr(opt, "_clips_in_kernel", False)
+    params = _stepped_params(opt, check_grads=not in_kernel)
     if opt.skip_if_nonfinite and opt._any_nonfinite([params]):
         return  # the step will be skipped and modify nothing: the gradients neither
     if not params:
@@ -80,7 +88,7 @@ def clip_before_step(opt) -> None:
     # memstate.clip_grad_norm_(params, max_grad_norm)'s norm and scaling, op for op
     norm64, dtype = _clip._total_norm_f64(grads, 2.0)
     opt.last_grad_norm = norm64.to(dtype)
-    if getattr(opt, "_clips_in_kernel", False):
+    if in_kernel:
         opt._grad_norm_f64 = float(norm64)
         return
     _clip.clip_grads_with_norm_(params, opt.max_grad_norm, opt.last_grad_norm)
