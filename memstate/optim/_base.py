@@ -184,6 +184,9 @@ class FusedOptimizer(Optimizer):
       of the step for NaN/Inf (one host sync per step and device, none per tensor or bucket);
       if any is found no tensor is modified, step counters do not advance, and
       ``last_step_skipped`` is True.
+    - ``max_grad_norm``: global L2 gradient-norm clipping at the start of the step, bit for bit
+      ``memstate.clip_grad_norm_(params, max_grad_norm)`` (LAMB: in its kernel, as Apex); the
+      pre-clip norm is ``last_grad_norm``. See memstate/optim/_clipping.py.
 
     A step either updates every parameter with a gradient or raises before modifying
     anything: hyperparameters of every group, gradients and existing state are all checked
