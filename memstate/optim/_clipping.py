@@ -16,7 +16,6 @@ as Apex FusedLAMB does and leaves ``p.grad`` untouched.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import List, Optional
 
