@@ -2,7 +2,7 @@
 fused=True, interleaved in the same run, plus effective bandwidth against a plain copy.
 
 Cases: 1M, 10M and 100M float32 parameters spread over 10 to 1000 tensors. For each case and
-optimizer (AdamW, SGD with momentum; RMSprop, Adagrad and Lion up to 10M) it prints the median
+optimizer (AdamW, SGD with momentum; RMSprop, Adagrad, Lion and LAMB up to 10M) it prints the median
 step time of every contender, the ratios memstate/torch-fused and memstate/torch-foreach, and
 the effective bandwidth (bytes the step must move, divided by its time) as a fraction of a plain
 device copy of the same number of bytes. Targets (issue 3):
@@ -30,16 +30,65 @@ import _timing  # noqa: E402
 import memstate.optim as mo  # noqa: E402
 
 # bytes moved per parameter per step (fp32): reads + writes of every role
+# LAMB (Apex's passes): global grad norm (read g), stage 1 (read g, p, m, v; write u, m, v), per-tensor
+# norms (read p, u), stage 2 (read p, u; write p)
 MOVED = {"adamw": (4 + 3) * 4, "sgd": (3 + 2) * 4, "rmsprop": (3 + 2) * 4, "adagrad": (3 + 2) * 4,
-         "lion": (3 + 2) * 4}
-HASHED = {"adamw": 4 * 4, "sgd": 3 * 4, "rmsprop": 3 * 4, "adagrad": 3 * 4, "lion": 3 * 4}  # param, grad, state(s)
+         "lion": (3 + 2) * 4, "lamb": (1 + 7 + 2 + 3) * 4}
+HASHED = {"adamw": 4 * 4, "sgd": 3 * 4, "rmsprop": 3 * 4, "adagrad": 3 * 4, "lion": 3 * 4,
+          "lamb": 4 * 4}  # param, grad, state(s)
 # issue 11 item 7: RMSprop, Adagrad, Lion (one state buffer each; torch has no Lion, no fused RMSprop and
 # a fused Adagrad on CPU only), benchmarked up to 10M parameters
 MORE = {
     "rmsprop": (lambda ps, **kw: mo.RMSprop(ps, lr=1e-3, **kw), lambda ps, **kw: torch.optim.RMSprop(ps, lr=1e-3, **kw)),
     "adagrad": (lambda ps, **kw: mo.Adagrad(ps, lr=1e-3, **kw), lambda ps, **kw: torch.optim.Adagrad(ps, lr=1e-3, **kw)),
     "lion": (lambda ps, **kw: mo.Lion(ps, lr=1e-4, **kw), None),
+    # LAMB: torch has none and Apex is not installable here; the anchor is TorchLAMB below (plain
+    # torch foreach ops, the same algorithm), shown in the "torch foreach" column
+    "lamb": (lambda ps, **kw: mo.LAMB(ps, lr=1e-3, **kw), lambda ps, **kw: TorchLAMB(ps, lr=1e-3, **kw)),
 }
+
+
+class TorchLAMB(torch.optim.Optimizer):
+    """Apex FusedLAMB's algorithm (global clipping, adam_w_mode, grad averaging, bias correction,
+    trust ratio) in plain torch ``_foreach`` ops: the benchmark's anchor for memstate.optim.LAMB."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, max_grad_norm=1.0,
+                 foreach=True, fused=None):
+        if fused or not foreach:
+            raise ValueError("TorchLAMB is foreach only")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = max_grad_norm
+
+    @torch.no_grad()
+    def step(self):
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for _, ps in groups for p in ps])))
+        divisor = torch.where(norm > self.max_grad_norm, norm / self.max_grad_norm, torch.ones_like(norm))
+        for group, ps in groups:
+            beta1, beta2 = group["betas"]
+            for p in ps:
+                if not self.state[p]:
+                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            states = [self.state[p] for p in ps]
+            step = states[0]["step"] = states[0]["step"] + 1
+            for st in states[1:]:
+                st["step"] = step
+            ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+            g = torch._foreach_div([p.grad for p in ps], divisor)
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, g, alpha=1 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, g, g, value=1 - beta2)
+            u = torch._foreach_div(ms, 1 - beta1 ** step)
+            d = torch._foreach_div(vs, 1 - beta2 ** step)
+            torch._foreach_sqrt_(d)
+            torch._foreach_add_(d, group["eps"])
+            torch._foreach_div_(u, d)
+            torch._foreach_add_(u, ps, alpha=group["weight_decay"])
+            pn, un = torch.stack(torch._foreach_norm(ps)), torch.stack(torch._foreach_norm(u))
+            ratio = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn)) * -group["lr"]
+            torch._foreach_mul_(u, list(ratio.unbind()))
+            torch._foreach_add_(ps, u)
 
 
 def make_params(total: int, ntensors: int, device: str, seed: int = 0):

@@ -72,6 +72,17 @@ TORCH_LIBRARY(memstate, m) {
   // then the combination of the N values. Identical for any thread count and launch
   // configuration, and on CPU and CUDA for p in {1, 2, inf}.
   m.def("norm_sums(Tensor[] tensors, float p) -> Tensor");
+  // LAMB (Apex FusedLAMB's algorithm; memstate/optim_math.h): stage 1 writes each tensor's update
+  // into updates[i] (scratch tensors like the params), the per-tensor norms ||p|| and ||u|| come
+  // from norm_sums' deterministic tree (read on the host: a sync on CUDA), stage 2 applies
+  // p -= lr * ||p|| / ||u|| * u. steps[i]: tensor i's count after this step's increment.
+  // global_grad_norm: the norm of all gradients of the optimizer step, clipped as Apex when above
+  // max_grad_norm (inf: never). Fingerprint roles: params, grads, exp_avgs, exp_avg_sqs.
+  m.def(
+      "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] updates, float[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool bias_correction, bool grad_averaging, bool adam_w_mode, bool use_nvlamb, float global_grad_norm, "
+      "float max_grad_norm, bool fingerprint) -> Tensor");
   // Cached optimizer step plans (csrc/optim_plan.h; built by memstate/optim/_base.py): one
   // native call per step that re-reads the gradients and checks the held tensors natively.
   m.class_<memstate::StepPlan>("StepPlan")
@@ -175,6 +186,18 @@ at::Tensor lion_step_fallback(at::TensorList params, at::TensorList grads, at::T
   return lion_step_impl<NoRunner>(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, fingerprint);
 }
 
+at::Tensor lamb_step_fallback(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                              at::TensorList exp_avg_sqs, at::TensorList updates, at::ArrayRef<double> steps,
+                              double lr, double beta1, double beta2, double eps, double weight_decay,
+                              bool bias_correction, bool grad_averaging, bool adam_w_mode, bool use_nvlamb,
+                              double global_grad_norm, double max_grad_norm, bool fingerprint) {
+  refuse_unsupported("lamb_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                   {"exp_avg_sqs", exp_avg_sqs}, {"updates", updates}});
+  return lamb_step_impl<NoRunner>(params, grads, exp_avgs, exp_avg_sqs, updates, steps, lr, beta1, beta2, eps,
+                                  weight_decay, bias_correction, grad_averaging, adam_w_mode, use_nvlamb,
+                                  global_grad_norm, max_grad_norm, fingerprint);
+}
+
 at::Tensor nonfinite_any_fallback(at::TensorList tensors) {
   refuse_unsupported("nonfinite_any", {{"tensors", tensors}});
   return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
@@ -206,6 +229,7 @@ TORCH_LIBRARY_IMPL(memstate, CompositeExplicitAutograd, m) {
   m.impl("nonfinite_any", &memstate::nonfinite_any_fallback);
   m.impl("increment_steps", &memstate::increment_steps_fallback);
   m.impl("norm_sums", &memstate::norm_sums_fallback);
+  m.impl("lamb_step", &memstate::lamb_step_fallback);
 }
 
 namespace {

@@ -7,7 +7,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 #include <vector>
 
@@ -303,6 +306,73 @@ at::Tensor lion_step_impl(at::TensorList params, at::TensorList grads, at::Tenso
   OptimArgs a = check_optim_args("lion_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs}});
   if (a.n == 0) return no_fingerprints();
   return lion_run(Runner{}, a, lr, beta1, beta2, weight_decay, maximize, fingerprint);
+}
+
+
+// Per-tensor sums of squares of `tensors` on the host, by the deterministic reduction of
+// norm_sums (memstate/norm_math.h), called through the dispatcher so that the tensors' device
+// kernel runs. On CUDA the copy to the host is a sync.
+inline std::vector<double> host_sums_of_squares(const std::vector<at::Tensor>& tensors) {
+  static const auto norm_sums = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("memstate::norm_sums", "")
+                                    .typed<at::Tensor(at::TensorList, double)>();
+  const at::Tensor sums = norm_sums.call(tensors, 2.0).to(at::kCPU);
+  const double* v = sums.const_data_ptr<double>();
+  return std::vector<double>(v, v + tensors.size());
+}
+
+// LAMB, Apex FusedLAMB's algorithm (optim_math.h): stage 1 writes the update into `updates`
+// (scratch buffers like the params; gradients are only read), the per-tensor norms ||p|| and
+// ||u|| come from norm_sums, stage 2 applies the trust ratio. global_grad_norm is the norm of
+// every gradient of the optimizer step (all groups), max_grad_norm its clipping threshold
+// (inf: no clipping). Fingerprint rows: params (after stage 2), grads, exp_avgs, exp_avg_sqs.
+template <class Runner>
+at::Tensor lamb_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList updates, at::ArrayRef<double> steps,
+                          double lr, double beta1, double beta2, double eps, double weight_decay,
+                          bool bias_correction, bool grad_averaging, bool adam_w_mode, bool use_nvlamb,
+                          double global_grad_norm, double max_grad_norm, bool fingerprint) {
+  OptimArgs a = check_optim_args("lamb_step", {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                                               {"exp_avg_sqs", exp_avg_sqs}, {"updates", updates}});
+  TORCH_CHECK(static_cast<int64_t>(steps.size()) == a.n, "memstate.lamb_step: steps has ", steps.size(),
+              " entries but params has ", a.n);
+  TORCH_CHECK(max_grad_norm > 0.0, "memstate.lamb_step: max_grad_norm must be > 0 (inf: no clipping), got ",
+              max_grad_norm);
+  if (a.n == 0) return no_fingerprints();
+  at::Tensor out;
+  dispatch_storage(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using M = math_t<T>;
+    const auto s = optim::make_lamb_scalars<M>(beta1, beta2, eps, weight_decay, grad_averaging,
+                                               optim::lamb_grad_divisor(global_grad_norm, max_grad_norm));
+    std::vector<optim::TensorScalars<M>> ts(a.n);
+    for (int64_t i = 0; i < a.n; ++i) {
+      TORCH_CHECK(steps[i] >= 1.0, "memstate.lamb_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      ts[i] = {static_cast<M>(optim::lamb_bias_correction(beta1, steps[i], bias_correction)),
+               static_cast<M>(optim::lamb_bias_correction(beta2, steps[i], bias_correction)), 0};
+    }
+    const at::Tensor rows1 = adam_w_mode ? Runner::run(optim::LambStage1Op<T, true>{s}, a, ts, fingerprint)
+                                         : Runner::run(optim::LambStage1Op<T, false>{s}, a, ts, fingerprint);
+    // ||p|| (p is unchanged by stage 1) and ||u||, one reduction call for both
+    std::vector<at::Tensor> both(a.roles[optim::kParam]);
+    both.insert(both.end(), a.roles[optim::kState2].begin(), a.roles[optim::kState2].end());
+    const std::vector<double> sums = host_sums_of_squares(both);
+    OptimArgs b;
+    b.roles[optim::kParam] = a.roles[optim::kParam];
+    b.roles[optim::kGrad] = a.roles[optim::kState2];
+    b.nroles = 2;
+    b.n = a.n;
+    b.dtype = a.dtype;
+    fill_raw(b);
+    const bool adaptive = use_nvlamb || weight_decay != 0.0;
+    for (int64_t i = 0; i < a.n; ++i) {
+      ts[i] = {static_cast<M>(optim::lamb_step_size(lr, std::sqrt(sums[i]), std::sqrt(sums[a.n + i]), adaptive)),
+               M(0), 0};
+    }
+    const at::Tensor rows2 = Runner::run(optim::LambStage2Op<T>{}, b, ts, fingerprint);
+    out = fingerprint ? at::cat({rows2.narrow(1, 0, 1), rows1.narrow(1, 1, 3)}, 1) : rows2;
+  });
+  return out;
 }
 
 }  // namespace memstate

@@ -112,4 +112,13 @@ def register() -> None:
         _refuse_real_meta("norm_sums", tensors=tensors)
         return torch.empty((len(tensors) + 1,), dtype=torch.float64, device=_device(tensors) if tensors else "cpu")
 
+    @torch.library.register_fake(lib + "lamb_step")
+    def _lamb_step(params, grads, exp_avgs, exp_avg_sqs, updates, steps, lr, beta1, beta2, eps, weight_decay,
+                   bias_correction, grad_averaging, adam_w_mode, use_nvlamb, global_grad_norm, max_grad_norm,
+                   fingerprint):
+        _refuse_real_meta("lamb_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                          updates=updates)
+        # fingerprint roles: params, grads, exp_avgs, exp_avg_sqs (not the scratch updates)
+        return _optim_result((params, grads, exp_avgs, exp_avg_sqs, updates), 4, fingerprint)
+
     _REGISTERED = True

@@ -101,6 +101,17 @@ def _total_sum(tensors: List[torch.Tensor], p: float) -> torch.Tensor:
     return torch.tensor(_tree(per, p), dtype=torch.float64, device=first)
 
 
+def _total_norm_f64(tensors: List[torch.Tensor], p: float):
+    """(the norm as a float64 0-d tensor, the dtype get_total_norm returns it in) for a non-empty
+    list (the optimizers' ``max_grad_norm`` reads both)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype.is_complex:
+        dtype = dtype.to_real()
+    return _finish(_total_sum(tensors, p), p), dtype
+
+
 def get_total_norm(tensors: _Tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                    foreach=None) -> torch.Tensor:
     """The norm of all ``tensors`` together, as ``torch.nn.utils.get_total_norm`` returns it (a
@@ -113,13 +124,8 @@ def get_total_norm(tensors: _Tensors, norm_type: float = 2.0, error_if_nonfinite
     p = _norm_order(norm_type)
     if not tensors:
         return torch.tensor(0.0)
-    total = _total_sum(tensors, p)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    if dtype.is_complex:
-        dtype = dtype.to_real()
-    total_norm = _finish(total, p).to(dtype)
+    norm64, dtype = _total_norm_f64(tensors, p)
+    total_norm = norm64.to(dtype)
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
             f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, so it "

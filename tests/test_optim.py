@@ -692,8 +692,14 @@ def test_bitwise_equal_to_documented_element_math(name, hp, dtype):
     shapes = [(), (7,), (33, 17), (1001,)]
     init = make_init(shapes, dtype, seed=60)
     grads = make_grads(shapes, 12, dtype, seed=61)
+    assert_steps_equal_reference(MS[name], RefOptimizer, name, hp, init, grads, dtype)
+
+
+def assert_steps_equal_reference(opt_cls, ref_cls, name, hp, init, grads, dtype):
+    """Steps ``opt_cls`` and the element-math reference ``ref_cls`` from ``init`` through ``grads``
+    and requires parameters and every state entry to be bitwise equal after each step."""
     pm, pr = leaves(init), leaves(init)
-    om, ref = MS[name](pm, **hp), RefOptimizer(name, pr, **hp)
+    om, ref = opt_cls(pm, **hp), ref_cls(name, pr, **hp)
     for i, g in enumerate(grads):
         set_grads(pm, g)
         om.step()
@@ -707,6 +713,7 @@ def test_bitwise_equal_to_documented_element_math(name, hp, dtype):
                     assert float(got) == v
                 else:
                     assert got.dtype == dtype and _nan_equal(got, v), f"step {i + 1}, param {j}, {k}"
+    return pm
 
 
 # ------------------------------------------------------------- other dtypes against torch

@@ -6,7 +6,6 @@ CPU == CUDA (marked cuda)."""
 import inspect
 import io
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ import torch
 import memstate
 import memstate.optim as mo
 from memstate import _ext
-from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, _nan_equal, assert_bitwise_same,
+from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, assert_bitwise_same,
+                        assert_steps_equal_reference,
                         assert_close_to_torch, combo_id, leaves, make_grads, make_init, run, set_grads,
                         snapshot, split_groups, state_tensors)
 
@@ -374,21 +374,7 @@ def test_bitwise_equal_to_documented_element_math(name, hp, dtype):
     shapes = [(), (7,), (33, 17), (1001,)]
     init = make_init(shapes, dtype, seed=60)
     grads = make_grads(shapes, 10, dtype, seed=61)
-    pm, pr = leaves(init), leaves(init)
-    om, ref = MS[name](pm, **hp), RefMath(name, pr, **hp)
-    for i, g in enumerate(grads):
-        set_grads(pm, g)
-        om.step()
-        ref.step(g)
-        for j, (a, b) in enumerate(zip(pm, pr)):
-            assert _nan_equal(a.detach(), b.detach()), f"step {i + 1}, param {j}: max diff {(a - b).abs().max()}"
-        for j, p in enumerate(pm):
-            for k, v in ref.state[j].items():
-                got = om.state[p][k]
-                if k == "step":
-                    assert float(got) == v
-                else:
-                    assert got.dtype == dtype and _nan_equal(got, v), f"step {i + 1}, param {j}, {k}"
+    pm = assert_steps_equal_reference(MS[name], RefMath, name, hp, init, grads, dtype)
     assert not torch.equal(pm[-1].detach(), init[-1])
 
 

@@ -224,6 +224,7 @@ TORCH_LIBRARY_IMPL(memstate, CPU, m) {
   m.impl("rmsprop_step", &memstate::rmsprop_step_impl<memstate::cpu::CpuRunner>);
   m.impl("adagrad_step", &memstate::adagrad_step_impl<memstate::cpu::CpuRunner>);
   m.impl("lion_step", &memstate::lion_step_impl<memstate::cpu::CpuRunner>);
+  m.impl("lamb_step", &memstate::lamb_step_impl<memstate::cpu::CpuRunner>);
   m.impl("nonfinite_any", &memstate::cpu::nonfinite_any_cpu);
   m.impl("increment_steps", &memstate::cpu::increment_steps_cpu);
 }

@@ -203,5 +203,6 @@ TORCH_LIBRARY_IMPL(memstate, CUDA, m) {
   m.impl("rmsprop_step", &memstate::rmsprop_step_impl<memstate::cuda::CudaRunner>);
   m.impl("adagrad_step", &memstate::adagrad_step_impl<memstate::cuda::CudaRunner>);
   m.impl("lion_step", &memstate::lion_step_impl<memstate::cuda::CudaRunner>);
+  m.impl("lamb_step", &memstate::lamb_step_impl<memstate::cuda::CudaRunner>);
   m.impl("nonfinite_any", &memstate::cuda::nonfinite_any_cuda);
 }

@@ -264,7 +264,10 @@ void launch_nonfinite_any(const NonfiniteTask* tasks, const OptimChunk* chunks, 
   MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, true, false>)     \
   MEMSTATE_INSTANTIATE_OPTIM(optim::RmspropOp<T, true, true>)      \
   MEMSTATE_INSTANTIATE_OPTIM(optim::AdagradOp<T>)                  \
-  MEMSTATE_INSTANTIATE_OPTIM(optim::LionOp<T>)
+  MEMSTATE_INSTANTIATE_OPTIM(optim::LionOp<T>)                    \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::LambStage1Op<T, false>)        \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::LambStage1Op<T, true>)         \
+  MEMSTATE_INSTANTIATE_OPTIM(optim::LambStage2Op<T>)
 
 MEMSTATE_INSTANTIATE_OPTIM_FOR(float)
 MEMSTATE_INSTANTIATE_OPTIM_FOR(double)

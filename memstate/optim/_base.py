@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from memstate import _ext
+from memstate.optim import _clipping
 from memstate.fingerprint import Fingerprint, StateFingerprint
 
 _M64 = (1 << 64) - 1
@@ -308,6 +309,9 @@ class FusedOptimizer(Optimizer):
       of the step for NaN/Inf (one host sync per step and device, none per tensor or bucket);
       if any is found no tensor is modified, step counters do not advance, and
       ``last_step_skipped`` is True.
+    - ``max_grad_norm``: global L2 gradient-norm clipping at the start of the step, bit for bit
+      ``memstate.clip_grad_norm_(params, max_grad_norm)`` (LAMB: in its kernel, as Apex); the
+      pre-clip norm is ``last_grad_norm``. See memstate/optim/_clipping.py.
 
     A step either updates every parameter with a gradient or raises before modifying
     anything: hyperparameters of every group, gradients and existing state are all checked
@@ -323,8 +327,11 @@ class FusedOptimizer(Optimizer):
     _name = "FusedOptimizer"
     _state_keys: Tuple[str, ...] = ()
 
-    def __init__(self, params, defaults: dict, *, fingerprint: bool, skip_if_nonfinite: bool):
+    def __init__(self, params, defaults: dict, *, fingerprint: bool, skip_if_nonfinite: bool,
+                 max_grad_norm: Optional[float] = None):
         _ext.load()  # fail early, with build instructions, if the extension is missing
+        self.max_grad_norm = _clipping.check_max_grad_norm(max_grad_norm)
+        self.last_grad_norm: Optional[torch.Tensor] = None
         self.fingerprint = bool(fingerprint)
         self.skip_if_nonfinite = bool(skip_if_nonfinite)
         self.last_step_skipped = False
@@ -341,12 +348,14 @@ class FusedOptimizer(Optimizer):
         # torch.optim pickles defaults, state and param_groups only; keep our options too
         state = super().__getstate__()
         state["_memstate_options"] = (self.fingerprint, self.skip_if_nonfinite, self.skipped_steps)
+        state["_memstate_max_grad_norm"] = self.max_grad_norm
         return state
 
     def __setstate__(self, state):
         # also called by torch's load_state_dict with state and param_groups only: options kept
         state = dict(state)
         options = state.pop("_memstate_options", None)
+        max_grad_norm = state.pop("_memstate_max_grad_norm", getattr(self, "max_grad_norm", None))
         super().__setstate__(state)
         if options is None:
             options = (getattr(self, "fingerprint", False), getattr(self, "skip_if_nonfinite", False),
@@ -354,6 +363,7 @@ class FusedOptimizer(Optimizer):
         self.fingerprint, self.skip_if_nonfinite, self.skipped_steps = options
         self.last_step_skipped = False
         self._pending, self._fingerprints, self._fp_watch, self._plan = [], {}, [], None
+        self.max_grad_norm, self.last_grad_norm = max_grad_norm, None
         self._fp_versions = []
         if not isinstance(self.state, _StateDict):  # load_state_dict, unpickling, deepcopy
             self.state = _StateDict(self.state)
@@ -521,6 +531,7 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         _check_not_capturing(self._name)
+        _clipping.clip_before_step(self)  # max_grad_norm (memstate/optim/_clipping.py)
         if self._planned_step():
             return loss
         groups_params = [self._params_with_grad(g) for g in self.param_groups]

@@ -49,12 +49,14 @@ class Adagrad(StepCounted):
     def __init__(self, params, lr: float = 1e-2, lr_decay: float = 0, weight_decay: float = 0,
                  initial_accumulator_value: float = 0, eps: float = 1e-10, foreach: Optional[bool] = None, *,
                  maximize: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         _check_adagrad_hparams(lr, lr_decay, weight_decay, initial_accumulator_value, eps)
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)
         _check_impl_flags(self._name, foreach=foreach, fused=fused, differentiable=differentiable)
         for group in self.param_groups:
             for p in group["params"]:

@@ -72,13 +72,15 @@ class Adam(StepCounted):
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         _check_constructor_args(lr, betas, eps, weight_decay, foreach, capturable)
         betas = tuple(b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)
         _check_impl_flags(self._name, foreach=foreach, fused=fused, differentiable=differentiable,
                           capturable=capturable)
 
@@ -164,11 +166,12 @@ class AdamW(Adam):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          foreach=foreach, maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, fingerprint=fingerprint,
-                         skip_if_nonfinite=skip_if_nonfinite)
+                         skip_if_nonfinite=skip_if_nonfinite, max_grad_norm=max_grad_norm)
 
     def _check_hparams(self, group):
         super()._check_hparams(group)

@@ -44,11 +44,13 @@ class Lion(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas: Tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, foreach: Optional[bool] = None,
                  differentiable: bool = False, fused: Optional[bool] = None,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         _check_lion_hparams(lr, betas, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)
         _check_impl_flags(self._name, foreach=foreach, fused=fused, differentiable=differentiable)
 
     def _roles(self, group):

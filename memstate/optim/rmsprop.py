@@ -51,12 +51,14 @@ class RMSprop(StepCounted):
     def __init__(self, params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0,
                  momentum: float = 0, centered: bool = False, capturable: bool = False,
                  foreach: Optional[bool] = None, maximize: bool = False, differentiable: bool = False, *,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         _check_rmsprop_hparams(lr, alpha, eps, weight_decay, momentum)
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)
         _check_impl_flags(self._name, foreach=foreach, fused=None, differentiable=differentiable,
                           capturable=capturable)
 

@@ -52,12 +52,14 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 fingerprint: bool = False, skip_if_nonfinite: bool = False):
+                 fingerprint: bool = False, skip_if_nonfinite: bool = False,
+                 max_grad_norm: Optional[float] = None):
         _check_sgd_hparams(lr, momentum, dampening, weight_decay, nesterov)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite)
+        super().__init__(params, defaults, fingerprint=fingerprint, skip_if_nonfinite=skip_if_nonfinite,
+                         max_grad_norm=max_grad_norm)
         _check_impl_flags(self._name, foreach=foreach, fused=fused, differentiable=differentiable)
 
     def __setstate__(self, state):

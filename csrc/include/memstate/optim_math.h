@@ -296,5 +296,79 @@ struct LionOp {
   }
 };
 
+
+// ---------------------------------------------------------------------------------------------
+// LAMB (Apex FusedLAMB's algorithm; You et al. 2019, "Large Batch Optimization for Deep Learning:
+// Training BERT in 76 minutes"). Two element passes around per-tensor norms:
+//   stage 1 (LambStage1Op): Adam moments and the update u, written to a scratch buffer (the
+//            gradient is only read);
+//   norms:   ||p|| and ||u|| per tensor, by norm_math.h's deterministic tree (norm_sums);
+//   stage 2 (LambStage2Op): p = p - (lr * trust_ratio) * u, the factor per tensor.
+
+// Group-wide LAMB scalars, each rounded once from float64.
+template <typename M>
+struct LambScalars {
+  M beta1;
+  M beta3;            // 1 - beta1 with grad_averaging, else 1
+  M beta2;
+  M one_minus_beta2;  // 1 - beta2
+  M eps;
+  M weight_decay;
+  M grad_divisor;     // global clipping: ||g|| / max_grad_norm when ||g|| > max_grad_norm, else 1
+  bool has_weight_decay;
+};
+
+// LAMB stage 1, as Apex's LAMBStage1Functor (bc1, bc2: the tensor's bias corrections,
+// 1 - beta^step, or 1 without bias correction):
+//   g = grad / grad_divisor
+//   if !adam_w_mode and weight_decay != 0:  g = g + weight_decay * p      (L2)
+//   m = m * beta1 + beta3 * g
+//   v = v * beta2 + ((1 - beta2) * g) * g
+//   u = (m / bc1) / (sqrt(v / bc2) + eps)
+//   if adam_w_mode and weight_decay != 0:   u = u + weight_decay * p      (decoupled)
+// (Apex skips reading p when weight_decay == 0: has_weight_decay keeps a non-finite p out.)
+template <typename M, bool kAdamW>
+MEMSTATE_HD void lamb_stage1_update(M p, M grad, M& m, M& v, M& u, M bc1, M bc2, const LambScalars<M>& s) {
+  M g = grad / s.grad_divisor;
+  if (!kAdamW && s.has_weight_decay) g = g + s.weight_decay * p;
+  m = m * s.beta1 + s.beta3 * g;
+  v = v * s.beta2 + (s.one_minus_beta2 * g) * g;
+  const M denom = msqrt(v / bc2) + s.eps;
+  u = (m / bc1) / denom;
+  if (kAdamW && s.has_weight_decay) u = u + s.weight_decay * p;
+}
+
+// LAMB stage 2: p = p - step * u, step = lr * ||p|| / ||u|| per tensor (lr where Apex uses no
+// trust ratio: a zero norm, or weight_decay == 0 without use_nvlamb).
+template <typename M>
+MEMSTATE_HD void lamb_stage2_update(M& p, M u, M step) {
+  p = p - step * u;
+}
+
+// Stage 1 roles: param (read; the runner stores it back unchanged), grad, exp_avg, exp_avg_sq,
+// update (scratch, written). s0 = 1 - beta1^step, s1 = 1 - beta2^step (1, 1 without bias
+// correction).
+template <typename T, bool kAdamW>
+struct LambStage1Op {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = 5;
+  LambScalars<M> s;
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    lamb_stage1_update<M, kAdamW>(x[kParam], x[kGrad], x[kState0], x[kState1], x[kState2], ts.s0, ts.s1, s);
+  }
+};
+
+// Stage 2 roles: param, update (in the read-only slot). s0 = lr * trust ratio.
+template <typename T>
+struct LambStage2Op {
+  using storage_t = T;
+  using M = math_t<T>;
+  static constexpr int kRoles = 2;
+  MEMSTATE_HD void operator()(M* x, const TensorScalars<M>& ts) const {
+    lamb_stage2_update<M>(x[kParam], x[kGrad], ts.s0);
+  }
+};
+
 }  // namespace optim
 }  // namespace memstate

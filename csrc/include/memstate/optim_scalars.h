@@ -90,5 +90,40 @@ LionScalars<M> make_lion_scalars(double lr, double beta1, double beta2, double w
   return s;
 }
 
+
+template <typename M>
+LambScalars<M> make_lamb_scalars(double beta1, double beta2, double eps, double weight_decay,
+                                 bool grad_averaging, double grad_divisor) {
+  LambScalars<M> s;
+  s.beta1 = static_cast<M>(beta1);
+  s.beta3 = static_cast<M>(grad_averaging ? 1.0 - beta1 : 1.0);
+  s.beta2 = static_cast<M>(beta2);
+  s.one_minus_beta2 = static_cast<M>(1.0 - beta2);
+  s.eps = static_cast<M>(eps);
+  s.weight_decay = static_cast<M>(weight_decay);
+  s.grad_divisor = static_cast<M>(grad_divisor);
+  s.has_weight_decay = weight_decay != 0.0;
+  return s;
+}
+
+// LAMB's global clipping divisor, as Apex: ||g|| / max_grad_norm when ||g|| > max_grad_norm, else
+// 1 (also for a NaN norm; max_grad_norm = inf never clips).
+inline double lamb_grad_divisor(double global_grad_norm, double max_grad_norm) {
+  return global_grad_norm > max_grad_norm ? global_grad_norm / max_grad_norm : 1.0;
+}
+
+// LAMB's bias correction 1 - beta^step (1 without bias correction), at the count after this
+// step's increment.
+inline double lamb_bias_correction(double beta, double step, bool bias_correction) {
+  return bias_correction ? 1.0 - std::pow(beta, step) : 1.0;
+}
+
+// LAMB's per-tensor step lr * ||p|| / ||u||, as Apex: plain lr when the trust ratio is not used
+// (`adaptive` false: weight_decay == 0 without use_nvlamb) or either norm is 0.
+inline double lamb_step_size(double lr, double param_norm, double update_norm, bool adaptive) {
+  if (!adaptive || param_norm == 0.0 || update_norm == 0.0) return lr;
+  return lr * (param_norm / update_norm);
+}
+
 }  // namespace optim
 }  // namespace memstate
