@@ -127,6 +127,8 @@ void plan_prepare(PlanBucket& b) {
   b.chunk_elems = checked_chunk_elems();
   const std::vector<OptimChunk> chunks = make_chunks(b.args, b.chunk_elems);
   b.device_table = upload(chunks.data(), chunks.size() * sizeof(OptimChunk), device);
+  // Later steps may run on another stream: wait for the copy once, here (plans are built rarely).
+  c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
 }
 
 const PlanDevice kCudaPlanDevice = {
