@@ -203,7 +203,8 @@ class StepPlan : public torch::CustomClassHolder {
     }
     // Everything checked: from here on the step runs.
     for (PlanBucket& b : buckets_) {
-      for (size_t i = 0; i < b.steps.size(); ++i) b.step_values[i] = increment_step(b.steps[i]);
+      const PlanSignature* sc = step_signatures(b);
+      for (size_t i = 0; i < b.steps.size(); ++i) b.step_values[i] = increment_at(sc[i]);
     }
     std::vector<at::Tensor> out;
     out.reserve(buckets_.size() + 1);
@@ -230,6 +231,24 @@ class StepPlan : public torch::CustomClassHolder {
 
  private:
   static PlanSignature signature(const at::Tensor& t) { return {t.const_data_ptr(), t.numel(), t.scalar_type()}; }
+
+  // The step counters' signatures (after the written roles'): checked by ready(), so their data
+  // pointers are the counters' (no second walk through the tensor objects).
+  static const PlanSignature* step_signatures(const PlanBucket& b) {
+    return b.sig.data() + static_cast<size_t>(b.args.nroles - 1) * static_cast<size_t>(b.args.n);
+  }
+
+  // increment_step (optim_ops.h) through a checked signature.
+  static double increment_at(const PlanSignature& s) {
+    if (s.dtype == at::kFloat) {
+      float* v = static_cast<float*>(const_cast<void*>(s.data));
+      *v = *v + 1.0f;
+      return *v;
+    }
+    double* v = static_cast<double*>(const_cast<void*>(s.data));
+    *v = *v + 1.0;
+    return *v;
+  }
 
   // The roles the kind's run reads (state roles as the flags will ask for them) are checked
   // again every step against the scalars (run_plan_bucket); here only their count is bounded.
@@ -352,10 +371,11 @@ class StepPlan : public torch::CustomClassHolder {
     at::Tensor out = at::empty({n, 2}, at::kLong);
     auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
     for (const PlanBucket& b : buckets_) {
-      for (const at::Tensor& s : b.steps) {
-        const auto nbytes = static_cast<uint64_t>(s.element_size());
+      const PlanSignature* sc = step_signatures(b);
+      for (size_t i = 0; i < b.steps.size(); ++i) {
+        const uint64_t nbytes = sc[i].dtype == at::kFloat ? sizeof(float) : sizeof(double);
         uint64_t s0 = 0, s1 = 0;
-        cpu::msfp1_accumulate(static_cast<const unsigned char*>(s.const_data_ptr()), nbytes, 0, s0, s1);
+        cpu::msfp1_accumulate(static_cast<const unsigned char*>(sc[i].data), nbytes, 0, s0, s1);
         *o++ = msfp1::finalize_lane0(s0, nbytes);
         *o++ = msfp1::finalize_lane1(s1, nbytes);
       }
