@@ -281,3 +281,24 @@ def test_state_fingerprint_after_zero_grad_set_to_none():
     assert p.grad is None
     after = opt.state_fingerprint()
     assert after == before and after.shape("grad.0") == (5, 3) and after.dtype("grad.0") == torch.float32
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad", "LAMB"])
+def test_step_refused_by_the_kernel_leaves_step_counters(name):
+    # The kernel refuses a gradient that is the parameter's own memory, after the Python layer
+    # advanced the step counters: they must be put back (they stayed advanced before).
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = getattr(mo, name)([p])
+    p.grad = torch.randn(5)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    p_before = p.detach().clone()
+    p.grad = p.detach()
+    with pytest.raises(RuntimeError, match="same memory"):
+        opt.step()
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v), k
+    assert torch.equal(p.detach(), p_before)
+    p.grad = torch.randn(5)
+    opt.step()
+    assert float(opt.state[p]["step"]) == 2.0

@@ -44,6 +44,24 @@ class StepCounted(FusedOptimizer):
     def _plan_watch(self, stepped):
         return self._watch(stepped)
 
+    def _increment_steps(self, states):
+        """Advances the ``step`` counters of ``states`` by one (one native call) and returns the new
+        values for the kernel. The kernel checks its arguments (e.g. a gradient that is the
+        parameter's memory) only after this; if it refuses, ``_run_kernel`` puts the counters back,
+        so a refused step leaves them as they were."""
+        counters = [st["step"] for st in states]
+        self._advanced = (counters, [c.clone() for c in counters])
+        return _ext.ops().increment_steps(counters)
+
+    def _run_kernel(self, op, bucket, roles, *args):
+        advanced, self._advanced = getattr(self, "_advanced", None), None
+        try:
+            return super()._run_kernel(op, bucket, roles, *args)
+        except BaseException:
+            for counter, old in zip(*advanced) if advanced else ():
+                counter.copy_(old)
+            raise
+
     def _after_fingerprinted_step(self):
         # The step counters are tensor state too: fingerprint them in one native call, kept
         # pending like the kernel's rows until someone asks (a cached plan's step returns them).

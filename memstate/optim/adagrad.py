@@ -104,7 +104,7 @@ class Adagrad(StepCounted):
 
     def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
         states = [self.state[p] for p in params]
-        steps = _ext.ops().increment_steps([st["step"] for st in states])
+        steps = self._increment_steps(states)
         return self._run_kernel(
             _ext.ops().adagrad_step, params, [params, grads, [st["sum"] for st in states]], steps,
             float(group["lr"]), float(group["lr_decay"]), float(group["eps"]), float(group["weight_decay"]),

@@ -128,7 +128,7 @@ class Adam(StepCounted):
             for p, st in zip(params, states):
                 if "max_exp_avg_sq" not in st:  # amsgrad switched on after state was created
                     st["max_exp_avg_sq"] = _state_like(p, 0)
-        steps = _ext.ops().increment_steps([st["step"] for st in states])
+        steps = self._increment_steps(states)
         beta1, beta2 = group["betas"]
         roles = [params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                  [st["max_exp_avg_sq"] for st in states] if group["amsgrad"] else []]

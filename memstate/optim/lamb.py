@@ -147,7 +147,7 @@ class LAMB(StepCounted):
 
     def _step_bucket(self, group, params: List[torch.Tensor], grads: List[torch.Tensor]) -> Optional[torch.Tensor]:
         states = [self.state[p] for p in params]
-        steps = _ext.ops().increment_steps([st["step"] for st in states])
+        steps = self._increment_steps(states)
         beta1, beta2 = group["betas"]
         norm = self._grad_norm_f64
         return self._run_kernel(

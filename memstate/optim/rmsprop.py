@@ -112,7 +112,7 @@ class RMSprop(StepCounted):
                 st["momentum_buffer"] = _state_like(p, 0)
             if centered and "grad_avg" not in st:
                 st["grad_avg"] = _state_like(p, 0)
-        _ext.ops().increment_steps([st["step"] for st in states])
+        self._increment_steps(states)
         roles = [params, grads, [st["square_avg"] for st in states],
                  [st["momentum_buffer"] for st in states] if use_momentum else [],
                  [st["grad_avg"] for st in states] if centered else []]
