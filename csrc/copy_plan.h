@@ -40,10 +40,10 @@ class PlanBackend {
  public:
   virtual ~PlanBackend() = default;
   // Runs the fixed copies of one direction, then (capture only) the `extra` copies, whose
-  // pointers change per call. With `fingerprint`, returns int64 [fixed + extra, 2]: the
-  // finalised msfp1 lanes of the copied bytes, on the plan's device, computed in the same pass;
-  // else an empty tensor. Ordered on the current stream; no host sync.
-  virtual at::Tensor run(bool restore, const std::vector<PlanCopy>& extra, bool fingerprint) = 0;
+  // pointers change per call. With `rows` (a zeroed int64 [fixed + extra, 2] tensor on the
+  // plan's device) not null, leaves in it the finalised msfp1 lanes of the copied bytes,
+  // computed in the same pass. Ordered on the current stream; no host sync.
+  virtual void run(bool restore, const std::vector<PlanCopy>& extra, at::Tensor* rows) = 0;
 };
 
 using PlanBackendFactory = std::unique_ptr<PlanBackend> (*)(const c10::Device& device,
@@ -81,6 +81,9 @@ class CopyPlan : public torch::CustomClassHolder {
     std::vector<int64_t> sizes;
   };
   bool matches(size_t i) const;
+  // The zeroed rows of a call: the previous call's buffer when nobody else holds it any more
+  // (a fresh one otherwise), so a large plan does not map and fault in new pages per call.
+  at::Tensor rows_for(bool restore, int64_t n);
 
   c10::Device device_;
   std::vector<at::Tensor> sources_;
@@ -89,6 +92,7 @@ class CopyPlan : public torch::CustomClassHolder {
   std::vector<at::Tensor> bump_;
   std::vector<int64_t> slot_nbytes_;
   std::unique_ptr<PlanBackend> backend_;
+  at::Tensor rows_[2];  // the last capture's and restore's rows (see rows_for)
   std::string restore_refusal_;  // why restore() is refused (sources overlap), or empty
   std::mutex mutex_;  // one call at a time (the backends reuse their tables)
 };
@@ -104,6 +108,11 @@ void msfp1_chunk_table(const int64_t* nbytes, int64_t n, int64_t chunk, std::vec
 // does not depend on the thread count or `chunk`.
 void msfp1_ranges(int64_t n, const unsigned char* const* src, unsigned char* const* dst, const int64_t* nbytes,
                   const uint64_t* first_pairs, const int64_t* chunk_begin, int64_t chunk, uint64_t* out);
+// msfp1_accumulate (kernels.h) of the bytes at `src` while copying them to `dst` in the same pass
+// (fingerprint_kernels.cpp). `stream`: non-temporal stores where the ISA and alignment allow
+// (large copies). Results never depend on the path.
+void msfp1_copy_accumulate(const unsigned char* src, unsigned char* dst, uint64_t nbytes, uint64_t first_pair,
+                           uint64_t& s0, uint64_t& s1, bool stream);
 // rows[2i], rows[2i + 1] := the finalised lanes F_0, F_1 of sums over nbytes[i] bytes.
 void msfp1_finalize_rows(uint64_t* rows, const int64_t* nbytes, int64_t n);
 

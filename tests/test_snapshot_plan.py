@@ -476,3 +476,40 @@ def test_rng_state_is_converted_lazily():
     random.random()
     snap.restore()
     assert np.random.get_state()[1].tolist() == np_keys and list(random.getstate()[1]) == py_state
+
+
+@pytest.mark.parametrize("total", [200, 9 << 20])  # 9 MiB: the non-temporal (streaming) stores
+def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total):
+    """The copy + fingerprint hashes the registers it stores (AVX2, streaming stores for large
+    copies, unaligned stores for a misaligned destination) or the copied bytes (scalar): every
+    path gives the reference fingerprint and an exact copy."""
+    from memstate import reference as ref
+
+    C = memstate._ext.load()
+    ops = memstate._ext.ops()
+    g = torch.Generator().manual_seed(total)
+    srcs = [torch.randint(0, 256, (total // 2 + 5,), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (total // 2 - 5,), dtype=torch.uint8, generator=g)[3:]]  # misaligned source
+    want = [ref.fingerprint_lanes(t) for t in srcs]
+    arena = torch.empty(total + 256, dtype=torch.uint8)
+    before = C.fingerprint_chunk_bytes()
+    try:
+        for isa in C.build_info()["cpu_isas"].split(","):
+            C.set_cpu_isa(isa)
+            for shift in (0, 64, 1):  # 32-byte aligned and misaligned destinations
+                dsts = [arena[shift:shift + srcs[0].numel()],
+                        arena[shift + srcs[0].numel() + 64:shift + srcs[0].numel() + 64 + srcs[1].numel()]]
+                for chunk in (4096, 1 << 19):
+                    C.set_fingerprint_chunk_bytes(chunk)
+                    arena.fill_(0)
+                    rows = ops.copy_fingerprint(srcs, dsts, True)
+                    got = [((a & (2**64 - 1)), (b & (2**64 - 1))) for a, b in rows.tolist()]
+                    assert got == want, (isa, shift, chunk)
+                    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts)), (isa, shift, chunk)
+                    plan = native_plan(srcs, dsts)
+                    arena.fill_(0)
+                    assert torch.equal(plan.capture([], True), rows), (isa, shift, chunk)
+                    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts)), (isa, shift, chunk)
+    finally:
+        C.set_cpu_isa("auto")
+        C.set_fingerprint_chunk_bytes(before)

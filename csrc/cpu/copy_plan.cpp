@@ -117,14 +117,31 @@ std::optional<at::Tensor> CopyPlan::capture(std::vector<at::Tensor> dynamic, boo
     extra[j] = {static_cast<const unsigned char*>(views[j].const_data_ptr()),
                 static_cast<unsigned char*>(slots_[n + j].data_ptr()), slot_nbytes_[n + j]};
   }
-  return backend_->run(false, extra, fingerprint);
+  if (!fingerprint) {
+    backend_->run(false, extra, nullptr);
+    return at::empty({0}, at::TensorOptions().dtype(at::kLong).device(device_));
+  }
+  at::Tensor rows = rows_for(false, static_cast<int64_t>(slots_.size()));
+  backend_->run(false, extra, &rows);
+  return rows;
+}
+
+at::Tensor CopyPlan::rows_for(bool restore, int64_t n) {
+  at::Tensor& buf = rows_[restore ? 1 : 0];
+  if (buf.defined() && buf.use_count() == 1 && buf.size(0) == n) {
+    buf.zero_();
+  } else {
+    buf = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong).device(device_));
+  }
+  return buf;
 }
 
 std::optional<at::Tensor> CopyPlan::restore() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (stale() >= 0) return std::nullopt;
   TORCH_CHECK(restore_refusal_.empty(), restore_refusal_);
-  at::Tensor rows = backend_->run(true, {}, true);
+  at::Tensor rows = rows_for(true, static_cast<int64_t>(sources_.size()));
+  backend_->run(true, {}, &rows);
   for (const at::Tensor& t : bump_) {
     if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();  // autograd: modified in place
   }

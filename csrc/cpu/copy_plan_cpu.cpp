@@ -24,7 +24,7 @@ class CpuPlan final : public PlanBackend {
     for (const PlanCopy& c : capture) nbytes_.push_back(c.nbytes);
   }
 
-  at::Tensor run(bool restore, const std::vector<PlanCopy>& extra, bool fingerprint) override {
+  void run(bool restore, const std::vector<PlanCopy>& extra, at::Tensor* out) override {
     const int d = restore ? 1 : 0;
     const int64_t m = static_cast<int64_t>(extra.size()), total = n_ + m;
     // the per-call copies go after the fixed ones (the vectors keep their capacity)
@@ -43,12 +43,9 @@ class CpuPlan final : public PlanBackend {
     }
     chunk_begin_.resize(n_ + 1);
     for (int64_t i = n_; i < total; ++i) chunk_begin_.push_back(chunk_begin_[i] + (nbytes_[i] + chunk - 1) / chunk);
-    at::Tensor out = at::zeros({fingerprint ? total : 0, 2}, at::kLong);
-    auto* rows = fingerprint ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
+    auto* rows = out != nullptr ? reinterpret_cast<uint64_t*>(out->data_ptr<int64_t>()) : nullptr;
     msfp1_ranges(total, from_[d].data(), to_[d].data(), nbytes_.data(), nullptr, chunk_begin_.data(), chunk, rows);
-    if (!fingerprint) return at::empty({0}, at::kLong);
-    msfp1_finalize_rows(rows, nbytes_.data(), total);
-    return out;
+    if (rows != nullptr) msfp1_finalize_rows(rows, nbytes_.data(), total);
   }
 
  private:

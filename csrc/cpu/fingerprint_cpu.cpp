@@ -80,6 +80,10 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
 
 }  // namespace
 
+// Copies of at least this many bytes in all use non-temporal stores (as memcpy does for large
+// copies): the destination is not read first and does not evict the cache.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
 void msfp1_chunk_table(const int64_t* nbytes, int64_t n, int64_t chunk, std::vector<int64_t>& chunk_begin) {
   chunk_begin.assign(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) chunk_begin[i + 1] = chunk_begin[i] + (nbytes[i] + chunk - 1) / chunk;
@@ -91,6 +95,7 @@ void msfp1_ranges(int64_t n, const unsigned char* const* src, unsigned char* con
   int64_t total_bytes = 0;
   for (int64_t i = 0; i < n; ++i) total_bytes += nbytes[i];
   std::vector<uint64_t> partial(out != nullptr ? 2 * nchunks : 0, 0);
+  const bool stream = total_bytes >= kStreamBytes;
   at::parallel_for(0, nchunks, chunk_grain(nchunks, total_bytes), [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(chunk_begin, chunk_begin + n + 1, begin) - chunk_begin - 1;
     for (int64_t c = begin; c < end; ++c) {
@@ -98,15 +103,15 @@ void msfp1_ranges(int64_t n, const unsigned char* const* src, unsigned char* con
       const int64_t start = (c - chunk_begin[t]) * chunk;
       const int64_t len = std::min(chunk, nbytes[t] - start);
       const unsigned char* data = src[t] + start;
-      if (dst != nullptr) {
-        unsigned char* to = dst[t] + start;
-        std::memcpy(to, data, static_cast<size_t>(len));
-        data = to;
-      }
-      if (out != nullptr) {
-        const uint64_t first = first_pairs != nullptr ? first_pairs[t] : 0;
-        msfp1_accumulate(data, static_cast<uint64_t>(len), first + static_cast<uint64_t>(start / msfp1::kPairBytes),
-                         partial[2 * c], partial[2 * c + 1]);
+      const uint64_t pair = (first_pairs != nullptr ? first_pairs[t] : 0) +
+                            static_cast<uint64_t>(start / msfp1::kPairBytes);
+      if (dst != nullptr && out != nullptr) {  // copy and hash from the same registers
+        msfp1_copy_accumulate(data, dst[t] + start, static_cast<uint64_t>(len), pair, partial[2 * c],
+                              partial[2 * c + 1], stream);
+      } else if (dst != nullptr) {
+        std::memcpy(dst[t] + start, data, static_cast<size_t>(len));
+      } else if (out != nullptr) {
+        msfp1_accumulate(data, static_cast<uint64_t>(len), pair, partial[2 * c], partial[2 * c + 1]);
       }
     }
   });

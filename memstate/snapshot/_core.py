@@ -95,6 +95,7 @@ class Snapshot:
             self._build_layout(bound, dyn)
             self._dyn_key = dyn_key
         if self._plans is not None:
+            self._fp_parts, self._fp_rows = [], None  # (a plan reuses its rows buffer when nobody holds it)
             with torch.no_grad():
                 parts = [(idxs, plan.capture([dyn[j][1] for j in dyn_at], True)) for idxs, _, dyn_at, plan in self._plans]
             if any(rows is None for _, rows in parts):
