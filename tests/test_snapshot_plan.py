@@ -513,3 +513,56 @@ def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total):
     finally:
         C.set_cpu_isa("auto")
         C.set_fingerprint_chunk_bytes(before)
+
+
+@pytest.mark.cuda
+def test_native_plan_on_cuda_matches_the_op_and_refuses_when_stale():
+    """The CUDA plan (tables uploaded once) copies and fingerprints like copy_fingerprint, over
+    several calls and both directions, and copies nothing once a tensor changed."""
+    ops = memstate._ext.ops()
+    g = torch.Generator().manual_seed(11)
+    srcs = [torch.randn(n, generator=g).cuda() for n in (1, 17, 70_001, 300_000)]
+    srcs.append(torch.randint(0, 9, (33,), dtype=torch.int16, generator=g).cuda())
+    dyn = torch.randn(5, 3, generator=g).cuda().t()
+    nbytes = [t.numel() * t.element_size() for t in srcs] + [dyn.numel() * dyn.element_size()]
+    arena = torch.zeros(sum((nb + 63) // 64 * 64 for nb in nbytes), dtype=torch.uint8, device="cuda")
+    slots, off = [], 0
+    for nb in nbytes:
+        slots.append(arena[off:off + nb])
+        off += (nb + 63) // 64 * 64
+    plan = native_plan(srcs, slots, [0])
+    want = ops.fingerprint(srcs + [dyn])
+    for _ in range(3):
+        assert torch.equal(plan.capture([dyn], True).cpu(), want.cpu())
+    want_vals = [t.clone() for t in srcs]
+    for t in srcs:
+        t.zero_()
+    assert torch.equal(plan.restore().cpu(), want[:len(srcs)].cpu())
+    assert all(torch.equal(a, b) for a, b in zip(srcs, want_vals))
+    srcs[2].data = torch.zeros(70_001, device="cuda")
+    before = arena.clone()
+    assert plan.stale() == 2 and plan.capture([dyn], True) is None and plan.restore() is None
+    torch.cuda.synchronize()
+    assert torch.equal(arena, before)
+
+
+@pytest.mark.cuda
+def test_snapshot_plans_on_cuda_restore_exactly():
+    torch.manual_seed(0)
+    net = Net().cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x = X.cuda()
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    snap = Snapshot.capture(net, opt)
+    assert snap._plans is not None and len(snap._plans) == 2  # the CUDA tensors, the CPU RNG state
+    want = state_of(net, opt)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    snap.restore()
+    assert_state(net, opt, want)
+    assert fingerprint_matches(snap, net, opt)

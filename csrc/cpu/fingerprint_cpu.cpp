@@ -94,7 +94,11 @@ void msfp1_ranges(int64_t n, const unsigned char* const* src, unsigned char* con
   const int64_t nchunks = chunk_begin[n];
   int64_t total_bytes = 0;
   for (int64_t i = 0; i < n; ++i) total_bytes += nbytes[i];
-  std::vector<uint64_t> partial(out != nullptr ? 2 * nchunks : 0, 0);
+  // per-chunk sums, in a buffer this thread keeps: a large call reuses its pages instead of
+  // mapping and faulting in new ones every time
+  thread_local std::vector<uint64_t> buffer;
+  buffer.assign(out != nullptr ? 2 * nchunks : 0, 0);
+  uint64_t* partial = buffer.data();  // (the workers must use this thread's buffer, not their own)
   const bool stream = total_bytes >= kStreamBytes;
   at::parallel_for(0, nchunks, chunk_grain(nchunks, total_bytes), [&](int64_t begin, int64_t end) {
     int64_t t = std::upper_bound(chunk_begin, chunk_begin + n + 1, begin) - chunk_begin - 1;
