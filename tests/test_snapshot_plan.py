@@ -289,3 +289,280 @@ def test_device_group_lists_are_built_once():
     snap.recapture()
     snap.restore()
     assert snap._groups is groups and snap._restore_groups is restore_groups
+
+
+# ---------------------------------------------------------------- the native CopyPlan
+
+
+def native_plan(sources, slots, bump=()):
+    memstate._ext.ops()
+    return torch.classes.memstate.CopyPlan(list(sources), list(slots), list(bump))
+
+
+def test_recapture_and_restore_use_one_native_plan_per_device():
+    net, opt = make()
+    train(net, opt)
+    snap = Snapshot.capture(net, opt)
+    assert snap._plans is not None and len(snap._plans) == 1
+    plan = snap._plans[0][3]
+    n_static = len(snap._bound.tensors)
+    assert plan.num_sources() == n_static and plan.num_slots() == len(snap.names)  # + the RNG state tensor
+    train(net, opt)
+    snap.recapture()
+    want = state_of(net, opt)
+    train(net, opt)
+    snap.restore()
+    assert snap._plans[0][3] is plan
+    assert_state(net, opt, want)
+    train(net, opt)
+    snap.restore()
+    assert_state(net, opt, want)
+
+
+def test_native_plan_copies_fingerprints_and_bumps_versions():
+    g = torch.Generator().manual_seed(3)
+    srcs = [torch.randn(5, 7, generator=g), torch.randint(0, 100, (13,), generator=g, dtype=torch.int16),
+            torch.empty(0), torch.randn(3, dtype=torch.float64, generator=g)]
+    dyn = torch.randn(4, 2, generator=g).t()  # a dynamic tensor may be any layout
+    arena = torch.zeros(4096, dtype=torch.uint8)
+    sizes = [t.numel() * t.element_size() for t in srcs] + [dyn.numel() * dyn.element_size()]
+    slots, off = [], 0
+    for nb in sizes:
+        slots.append(arena[off:off + nb])
+        off += (nb + 63) // 64 * 64
+    plan = native_plan(srcs, slots, [0])
+    rows = plan.capture([dyn], True)
+    assert torch.equal(rows, memstate._ext.ops().fingerprint(srcs + [dyn]))
+    for t, s in zip(srcs + [dyn.contiguous()], slots):
+        assert torch.equal(s, t.reshape(-1).view(torch.uint8) if t.numel() else s)
+    want = [t.clone() for t in srcs]
+    v0, v1 = srcs[0]._version, srcs[1]._version
+    for t in srcs:
+        t.zero_() if t.numel() else None
+    v0, v1 = srcs[0]._version, srcs[1]._version
+    back = plan.restore()
+    assert torch.equal(back, rows[:len(srcs)])
+    assert all(torch.equal(a, b) for a, b in zip(srcs, want))
+    assert srcs[0]._version > v0 and srcs[1]._version == v1  # only the listed sources are bumped
+    assert plan.capture([dyn], False).numel() == 0
+
+
+@pytest.mark.parametrize("change", ["resize_larger", "resize_smaller", "set_", "data", "view", "free_storage",
+                                    "dtype"])
+def test_stale_native_plan_never_copies(change):
+    """A tensor changed after the plan was built: capture() and restore() copy nothing (no write
+    through an old pointer, no read or write of a wrong byte count) and return None."""
+    t = torch.arange(16, dtype=torch.float32)
+    other = torch.arange(16, dtype=torch.float32)
+    arena = torch.full((128,), 7, dtype=torch.uint8)
+    slot = arena[:64]
+    plan = native_plan([t, other], [slot, arena[64:]])
+    assert plan.stale() == -1
+    if change == "resize_larger":
+        t.resize_(4096)
+    elif change == "resize_smaller":
+        t.resize_(4)
+    elif change == "set_":
+        t.set_(torch.zeros(16))
+    elif change == "data":
+        t.data = torch.zeros(16)
+    elif change == "view":
+        t.data = t.data.view(4, 4)  # same memory, another shape
+    elif change == "free_storage":
+        t.untyped_storage().resize_(0)
+    else:
+        t.data = torch.zeros(16, dtype=torch.int32)  # same byte count, another dtype
+    before_arena = arena.clone()
+    before_t = t.reshape(-1).view(torch.uint8).clone() if t.untyped_storage().nbytes() else None
+    assert plan.stale() == 0
+    assert plan.capture([], True) is None
+    assert plan.restore() is None
+    assert torch.equal(arena, before_arena)
+    if before_t is not None:
+        assert torch.equal(t.reshape(-1).view(torch.uint8), before_t)
+
+
+def test_native_plan_refuses_bad_arguments_naming_the_index():
+    a, b = torch.zeros(8), torch.zeros(8)
+    arena = torch.zeros(128, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"sources\[1\] has 32 bytes but slots\[1\] holds 16"):
+        native_plan([a, b], [arena[:32], arena[64:80]])
+    with pytest.raises(RuntimeError, match=r"slots\[1\].*slots\[0\]|slots\[0\].*slots\[1\]"):
+        native_plan([a, b], [arena[:32], arena[16:48]])  # overlapping slots
+    with pytest.raises(RuntimeError, match=r"sources\[0\] is not contiguous"):
+        native_plan([torch.zeros(4, 2).t()], [arena[:32]])
+    with pytest.raises(RuntimeError, match="bump index 5"):
+        native_plan([a], [arena[:32]], [5])
+    plan = native_plan([a], [arena[:32], arena[64:96]])
+    with pytest.raises(RuntimeError, match=r"dynamic\[0\] has 4 bytes but its slot holds 32"):
+        plan.capture([torch.zeros(1)], True)
+    shared = torch.zeros(16)
+    plan = native_plan([shared[:8], shared[4:12]], [arena[:32], arena[64:96]])  # capture may read overlaps
+    assert plan.capture([], True) is not None
+    with pytest.raises(RuntimeError, match="overlaps"):
+        plan.restore()  # but restore would write the same bytes twice
+
+
+def test_buffer_resized_in_place_after_capture():
+    """The snapshot's slot holds 8 floats; the live buffer now holds 100: restore refuses
+    (nothing written) and recapture rebuilds the plan for the new size."""
+    net, opt = make()
+    train(net, opt)
+    snap = Snapshot.capture(net, opt)
+    want = state_of(net, opt)
+    net.bn.running_mean.resize_(100)
+    net.bn.running_mean.fill_(5.0)
+    live = state_of(net, opt)
+    arena = {k: v.clone() for k, v in snap._arenas.items()}
+    with pytest.raises(SnapshotError, match="model.bn.running_mean"):
+        snap.restore()
+    assert_state(net, opt, live)  # nothing live touched
+    assert all(torch.equal(arena[k], snap._arenas[k]) for k in arena)
+    snap.recapture()
+    assert snap.tensor("model.bn.running_mean").shape == (100,)
+    assert fingerprint_matches(snap, net, opt)
+    want = state_of(net, opt)
+    with torch.no_grad():
+        for t in list(net.parameters()) + [net.bn.running_mean]:
+            t.add_(1)
+    snap.restore()
+    assert_state(net, opt, want)
+
+
+def test_optimizer_state_tensor_replaced_between_captures():
+    net, opt = make()
+    train(net, opt)
+    snap = Snapshot.capture(net, opt)
+    p = net.fc1.weight
+    opt.state[p]["exp_avg"] = torch.full_like(p, 0.5)  # a new tensor under the same key
+    snap.recapture()
+    assert torch.equal(snap.tensor("optimizer.state.0.exp_avg"), torch.full_like(p, 0.5))
+    want = state_of(net, opt)
+    train(net, opt)
+    snap.restore()
+    assert_state(net, opt, want)
+    assert opt.state[p]["exp_avg"].eq(0.5).all()
+
+
+def test_parameter_data_replaced_restore_writes_the_new_storage():
+    net, opt = make("sgd")
+    train(net, opt)
+    snap = Snapshot.capture(net, opt)
+    w = net.fc2.weight
+    old = w.data
+    w.data = w.data.clone() * 2  # same object, new storage
+    snap.recapture()
+    want = state_of(net, opt)
+    with torch.no_grad():
+        w.add_(1)
+    snap.restore()
+    assert_state(net, opt, want)
+    assert not torch.equal(old, w.data)
+
+
+def test_rng_state_is_converted_lazily():
+    net, opt = make()
+    np.random.seed(5)
+    random.seed(5)
+    snap = Snapshot.capture(net, opt)
+    assert snap._meta["rng"].raw() is not None  # numpy/Python states kept as the generators returned them
+    snap.restore()
+    assert snap._meta["rng"].raw() is not None  # restore used them directly
+    np_keys = np.random.get_state()[1].tolist()
+    py_state = list(random.getstate()[1])
+    assert snap._meta["rng"]["numpy"]["keys"] == np_keys and snap._meta["rng"]["python"]["state"] == py_state
+    assert snap._meta["rng"].raw() is None  # read once: the JSON tree is the state now
+    np.random.rand(3)
+    random.random()
+    snap.restore()
+    assert np.random.get_state()[1].tolist() == np_keys and list(random.getstate()[1]) == py_state
+
+
+@pytest.mark.parametrize("total", [200, 9 << 20])  # 9 MiB: the non-temporal (streaming) stores
+def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total):
+    """The copy + fingerprint hashes the registers it stores (AVX2, streaming stores for large
+    copies, unaligned stores for a misaligned destination) or the copied bytes (scalar): every
+    path gives the reference fingerprint and an exact copy."""
+    from memstate import reference as ref
+
+    C = memstate._ext.load()
+    ops = memstate._ext.ops()
+    g = torch.Generator().manual_seed(total)
+    srcs = [torch.randint(0, 256, (total // 2 + 5,), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (total // 2 - 5,), dtype=torch.uint8, generator=g)[3:]]  # misaligned source
+    want = [ref.fingerprint_lanes(t) for t in srcs]
+    arena = torch.empty(total + 256, dtype=torch.uint8)
+    before = C.fingerprint_chunk_bytes()
+    try:
+        for isa in C.build_info()["cpu_isas"].split(","):
+            C.set_cpu_isa(isa)
+            for shift in (0, 64, 1):  # 32-byte aligned and misaligned destinations
+                dsts = [arena[shift:shift + srcs[0].numel()],
+                        arena[shift + srcs[0].numel() + 64:shift + srcs[0].numel() + 64 + srcs[1].numel()]]
+                for chunk in (4096, 1 << 19):
+                    C.set_fingerprint_chunk_bytes(chunk)
+                    arena.fill_(0)
+                    rows = ops.copy_fingerprint(srcs, dsts, True)
+                    got = [((a & (2**64 - 1)), (b & (2**64 - 1))) for a, b in rows.tolist()]
+                    assert got == want, (isa, shift, chunk)
+                    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts)), (isa, shift, chunk)
+                    plan = native_plan(srcs, dsts)
+                    arena.fill_(0)
+                    assert torch.equal(plan.capture([], True), rows), (isa, shift, chunk)
+                    assert all(torch.equal(s, d) for s, d in zip(srcs, dsts)), (isa, shift, chunk)
+    finally:
+        C.set_cpu_isa("auto")
+        C.set_fingerprint_chunk_bytes(before)
+
+
+@pytest.mark.cuda
+def test_native_plan_on_cuda_matches_the_op_and_refuses_when_stale():
+    """The CUDA plan (tables uploaded once) copies and fingerprints like copy_fingerprint, over
+    several calls and both directions, and copies nothing once a tensor changed."""
+    ops = memstate._ext.ops()
+    g = torch.Generator().manual_seed(11)
+    srcs = [torch.randn(n, generator=g).cuda() for n in (1, 17, 70_001, 300_000)]
+    srcs.append(torch.randint(0, 9, (33,), dtype=torch.int16, generator=g).cuda())
+    dyn = torch.randn(5, 3, generator=g).cuda().t()
+    nbytes = [t.numel() * t.element_size() for t in srcs] + [dyn.numel() * dyn.element_size()]
+    arena = torch.zeros(sum((nb + 63) // 64 * 64 for nb in nbytes), dtype=torch.uint8, device="cuda")
+    slots, off = [], 0
+    for nb in nbytes:
+        slots.append(arena[off:off + nb])
+        off += (nb + 63) // 64 * 64
+    plan = native_plan(srcs, slots, [0])
+    want = ops.fingerprint(srcs + [dyn])
+    for _ in range(3):
+        assert torch.equal(plan.capture([dyn], True).cpu(), want.cpu())
+    want_vals = [t.clone() for t in srcs]
+    for t in srcs:
+        t.zero_()
+    assert torch.equal(plan.restore().cpu(), want[:len(srcs)].cpu())
+    assert all(torch.equal(a, b) for a, b in zip(srcs, want_vals))
+    srcs[2].data = torch.zeros(70_001, device="cuda")
+    before = arena.clone()
+    assert plan.stale() == 2 and plan.capture([dyn], True) is None and plan.restore() is None
+    torch.cuda.synchronize()
+    assert torch.equal(arena, before)
+
+
+@pytest.mark.cuda
+def test_snapshot_plans_on_cuda_restore_exactly():
+    torch.manual_seed(0)
+    net = Net().cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    x = X.cuda()
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    snap = Snapshot.capture(net, opt)
+    assert snap._plans is not None and len(snap._plans) == 2  # the CUDA tensors, the CPU RNG state
+    want = state_of(net, opt)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    snap.restore()
+    assert_state(net, opt, want)
+    assert fingerprint_matches(snap, net, opt)

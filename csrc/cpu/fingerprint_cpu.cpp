@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../tensor_util.h"
+#include "../copy_plan.h"
 #include "kernels.h"
 #include "memstate/msfp1.h"
 
@@ -26,42 +27,18 @@ int64_t g_chunk_bytes = int64_t{1} << 19;  // 512 KiB per work item
 at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint64_t>& first_pairs,
                       const std::vector<unsigned char*>* dst = nullptr, bool hash = true) {
   const int64_t n = static_cast<int64_t>(ts.size());
+  std::vector<const unsigned char*> src(n);
+  std::vector<int64_t> nbytes(n);
+  for (int64_t i = 0; i < n; ++i) {
+    src[i] = static_cast<const unsigned char*>(ts[i].const_data_ptr());
+    nbytes[i] = nbytes_of(ts[i]);
+  }
   const int64_t chunk = g_chunk_bytes;
-  std::vector<int64_t> chunk_begin(n + 1, 0);  // prefix sum of chunks per tensor
-  int64_t total_bytes = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t nb = nbytes_of(ts[i]);
-    total_bytes += nb;
-    chunk_begin[i + 1] = chunk_begin[i] + (nb + chunk - 1) / chunk;
-  }
-  const int64_t nchunks = chunk_begin[n];
-  std::vector<uint64_t> partial(2 * nchunks, 0);
-  at::parallel_for(0, nchunks, chunk_grain(nchunks, total_bytes), [&](int64_t begin, int64_t end) {
-    int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), begin) -
-                chunk_begin.begin() - 1;
-    for (int64_t c = begin; c < end; ++c) {
-      while (chunk_begin[t + 1] <= c) ++t;
-      const int64_t start = (c - chunk_begin[t]) * chunk;
-      const int64_t len = std::min(chunk, nbytes_of(ts[t]) - start);
-      const auto* data = static_cast<const unsigned char*>(ts[t].const_data_ptr()) + start;
-      if (dst != nullptr) {
-        unsigned char* to = (*dst)[t] + start;
-        std::memcpy(to, data, static_cast<size_t>(len));
-        data = to;
-      }
-      if (hash) msfp1_accumulate(data, static_cast<uint64_t>(len),
-                       first_pairs[t] + static_cast<uint64_t>(start / msfp1::kPairBytes),
-                       partial[2 * c], partial[2 * c + 1]);
-    }
-  });
+  std::vector<int64_t> chunk_begin;
+  msfp1_chunk_table(nbytes.data(), n, chunk, chunk_begin);
   at::Tensor out = at::zeros({n, 2}, at::kLong);
-  auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = chunk_begin[i]; c < chunk_begin[i + 1]; ++c) {
-      o[2 * i] += partial[2 * c];
-      o[2 * i + 1] += partial[2 * c + 1];
-    }
-  }
+  msfp1_ranges(n, src.data(), dst != nullptr ? dst->data() : nullptr, nbytes.data(), first_pairs.data(),
+               chunk_begin.data(), chunk, hash ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr);
   return out;
 }
 
@@ -73,12 +50,10 @@ at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pa
 }
 
 void finalize_rows(at::Tensor& out, const std::vector<at::Tensor>& ts) {
-  auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  for (size_t i = 0; i < ts.size(); ++i) {
-    const auto nb = static_cast<uint64_t>(nbytes_of(ts[i]));
-    o[2 * i] = msfp1::finalize_lane0(o[2 * i], nb);
-    o[2 * i + 1] = msfp1::finalize_lane1(o[2 * i + 1], nb);
-  }
+  std::vector<int64_t> nbytes(ts.size());
+  for (size_t i = 0; i < ts.size(); ++i) nbytes[i] = nbytes_of(ts[i]);
+  msfp1_finalize_rows(reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()), nbytes.data(),
+                      static_cast<int64_t>(ts.size()));
 }
 
 at::Tensor fingerprint_cpu(at::TensorList tensors) {
@@ -104,6 +79,62 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
 }
 
 }  // namespace
+
+// Copies of at least this many bytes in all use non-temporal stores (as memcpy does for large
+// copies): the destination is not read first and does not evict the cache.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+void msfp1_chunk_table(const int64_t* nbytes, int64_t n, int64_t chunk, std::vector<int64_t>& chunk_begin) {
+  chunk_begin.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) chunk_begin[i + 1] = chunk_begin[i] + (nbytes[i] + chunk - 1) / chunk;
+}
+
+void msfp1_ranges(int64_t n, const unsigned char* const* src, unsigned char* const* dst, const int64_t* nbytes,
+                  const uint64_t* first_pairs, const int64_t* chunk_begin, int64_t chunk, uint64_t* out) {
+  const int64_t nchunks = chunk_begin[n];
+  int64_t total_bytes = 0;
+  for (int64_t i = 0; i < n; ++i) total_bytes += nbytes[i];
+  // per-chunk sums, in a buffer this thread keeps: a large call reuses its pages instead of
+  // mapping and faulting in new ones every time
+  thread_local std::vector<uint64_t> buffer;
+  buffer.assign(out != nullptr ? 2 * nchunks : 0, 0);
+  uint64_t* partial = buffer.data();  // (the workers must use this thread's buffer, not their own)
+  const bool stream = total_bytes >= kStreamBytes;
+  at::parallel_for(0, nchunks, chunk_grain(nchunks, total_bytes), [&](int64_t begin, int64_t end) {
+    int64_t t = std::upper_bound(chunk_begin, chunk_begin + n + 1, begin) - chunk_begin - 1;
+    for (int64_t c = begin; c < end; ++c) {
+      while (chunk_begin[t + 1] <= c) ++t;
+      const int64_t start = (c - chunk_begin[t]) * chunk;
+      const int64_t len = std::min(chunk, nbytes[t] - start);
+      const unsigned char* data = src[t] + start;
+      const uint64_t pair = (first_pairs != nullptr ? first_pairs[t] : 0) +
+                            static_cast<uint64_t>(start / msfp1::kPairBytes);
+      if (dst != nullptr && out != nullptr) {  // copy and hash from the same registers
+        msfp1_copy_accumulate(data, dst[t] + start, static_cast<uint64_t>(len), pair, partial[2 * c],
+                              partial[2 * c + 1], stream);
+      } else if (dst != nullptr) {
+        std::memcpy(dst[t] + start, data, static_cast<size_t>(len));
+      } else if (out != nullptr) {
+        msfp1_accumulate(data, static_cast<uint64_t>(len), pair, partial[2 * c], partial[2 * c + 1]);
+      }
+    }
+  });
+  if (out == nullptr) return;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = chunk_begin[i]; c < chunk_begin[i + 1]; ++c) {
+      out[2 * i] += partial[2 * c];
+      out[2 * i + 1] += partial[2 * c + 1];
+    }
+  }
+}
+
+void msfp1_finalize_rows(uint64_t* rows, const int64_t* nbytes, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto nb = static_cast<uint64_t>(nbytes[i]);
+    rows[2 * i] = msfp1::finalize_lane0(rows[2 * i], nb);
+    rows[2 * i + 1] = msfp1::finalize_lane1(rows[2 * i + 1], nb);
+  }
+}
 
 int64_t fingerprint_chunk_bytes() { return g_chunk_bytes; }
 

@@ -2,6 +2,7 @@
 64-byte aligned layout in one arena per device, and the fused native copy + fingerprint."""
 from __future__ import annotations
 
+import itertools
 import operator
 import sys
 from typing import Any, Dict, List, Mapping, Tuple
@@ -89,28 +90,43 @@ def _tensor_container(obj: Any) -> bool:
         isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
-def _module_items(mods: List[torch.nn.Module]) -> list:
-    """Every key and value of every module's parameter, buffer and submodule dicts: with the
-    same objects in the same order, ``named_parameters``/``named_buffers`` give the same result."""
-    return [x for m in mods for d in (m._parameters, m._buffers, m._modules) for kv in d.items() for x in kv]
+_MODULE_DICTS = operator.attrgetter("_parameters", "_buffers", "_modules")
+_PARAMS = operator.itemgetter("params")
+_chain = itertools.chain.from_iterable
 
 
-def _optimizer_items(opt: torch.optim.Optimizer) -> list:
-    """The state dict, every param group, its params list and parameters, every parameter's
-    state dict with its keys and tensor values (the type of non-tensor values, which may
-    change freely: they are re-encoded on every capture)."""
-    state = opt.state
-    out: list = [state]
-    for g in opt.param_groups:
-        params = g["params"]
-        out += (g, params)
-        for p in params:
-            st = state.get(p)
-            out += (p, st)
-            if st:
-                for k, v in st.items():
-                    out += (k, v if isinstance(v, torch.Tensor) else type(v))
-    return out
+def _module_parts(mods: List[torch.nn.Module], objs: list, keys: list) -> None:
+    """Every module's parameter, buffer and submodule dicts, their keys and values: with the
+    same objects in the same order, ``named_parameters``/``named_buffers`` give the same result.
+    (Iterated by C code: tens of ns an item.)"""
+    dicts = list(_chain(map(_MODULE_DICTS, mods)))
+    objs += dicts
+    objs += _chain(map(dict.values, dicts))
+    keys += _chain(dicts)
+
+
+def _optimizer_parts(opt: torch.optim.Optimizer, plain: list, mixed: list, objs: list, keys: list) -> None:
+    """The state dict, its parameters and per-parameter state dicts with their keys, every param
+    group, its params list and parameters; the tensor values of the state dicts `plain` (all
+    values tensors) and `mixed` (also non-tensor values, which may change freely: they are
+    re-encoded on every capture, so only their type counts)."""
+    state, groups = opt.state, opt.param_groups
+    plists = list(map(_PARAMS, groups))
+    sts = list(state.values())
+    objs += (state, groups)
+    objs += groups
+    objs += plists
+    objs += _chain(plists)
+    objs += state
+    objs += sts
+    keys += _chain(sts)
+    objs += _chain(map(dict.values, plain))
+    for st in mixed:
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                objs.append(v)
+            else:
+                keys.append(type(v))
 
 
 def _plain_module(m: torch.nn.Module) -> bool:
@@ -127,12 +143,14 @@ class _Bound:
     The signature is the identity of every entry of every module's ``_parameters``,
     ``_buffers`` and ``_modules`` dicts, of the optimizer's state dict, param groups, their
     params lists and parameters, each parameter's state dict with its keys and tensor values,
-    and of ``extra`` tensors and dicts of tensors. ``valid()`` recomputes it (tens of ns an
-    item) and compares every tensor's dtype and shape (and device and contiguity when asked),
-    which catches ``p.data = ...``. Anything else changed (parameters replaced, optimizer state
-    created, ``load_state_dict``, param groups added) fails the check, and the caller builds a
-    new plan with a full walk. Modules that override ``named_parameters`` and friends are never
-    cached (every use walks)."""
+    and of ``extra`` tensors and dicts of tensors: a list of objects compared by identity and a
+    list of keys, both built and compared by C-level iteration (about 40-60 ns an item). Anything changed (parameters replaced, optimizer state created,
+    ``load_state_dict``, param groups added) fails the check, and the caller builds a new plan
+    with a full walk. What the signature does not see, ``t.data = ...`` or an in-place resize,
+    the native CopyPlan catches (it compares every tensor's pointer, sizes, dtype, device and
+    contiguity on each use); without one, ``valid(tensors=True)`` compares dtypes and shapes
+    (and devices and contiguity when ``strict``). Modules that override ``named_parameters`` and
+    friends are never cached (every use walks)."""
 
     def __init__(self, sources: Dict[str, Any]):
         self.named = _static_named(sources)
@@ -152,12 +170,19 @@ class _Bound:
                 cacheable = cacheable and all(_plain_module(m) for m in mods)
                 self._parts.append(("module", mods))
             elif isinstance(obj, torch.optim.Optimizer):
-                self._parts.append(("optimizer", obj))
+                sts = [st for st in obj.state.values() if isinstance(st, Mapping)]
+                cacheable = cacheable and len(sts) == len(obj.state) and all(type(st) is dict for st in sts)
+                plain = [st for st in sts if all(isinstance(v, torch.Tensor) for v in st.values())]
+                mixed = [st for st in sts if not all(isinstance(v, torch.Tensor) for v in st.values())]
+                self._parts.append(("optimizer", (obj, plain, mixed)))
             elif isinstance(obj, torch.Tensor):
                 self._parts.append(("tensor", obj))
             elif isinstance(obj, Mapping):
                 self._parts.append(("mapping", obj))
-        self.sig = self._signature() if cacheable else None
+        if cacheable:
+            self._held, self._keys = self._signature()
+        else:
+            self._held = None
         self.param_keys = _param_keys(sources)
         opt = sources.get("optimizer")
         self.params = [p for g in opt.param_groups for p in g["params"]] if opt is not None else []
@@ -171,28 +196,38 @@ class _Bound:
                            if any(not isinstance(v, torch.Tensor) for v in st.values())]
         self.version = 0  # bumped by Snapshot when a layout is built from this plan
 
-    def _signature(self) -> list:
-        items: list = []
+    def _signature(self) -> Tuple[list, list]:
+        """(objects compared by identity, keys and types compared by value)."""
+        objs: list = []
+        keys: list = []
         for kind, obj in self._parts:
             if kind == "module":
-                items += _module_items(obj)
+                _module_parts(obj, objs, keys)
             elif kind == "optimizer":
-                items += _optimizer_items(obj)
+                _optimizer_parts(*obj, objs, keys)
             elif kind == "tensor":
-                items.append(obj)
-            else:  # (no counts here: ints above 256 are new objects every time)
-                items += [x for kv in obj.items() for x in kv]
-        return items
+                objs.append(obj)
+            else:
+                objs.append(obj)
+                keys += obj
+                objs += obj.values()
+        return objs, keys
 
-    def valid(self, strict: bool = False) -> bool:
-        """Whether the live objects still have exactly this plan's tensors, dtypes and shapes
-        (``strict``: devices and contiguity too; restore writes into them)."""
-        if self.sig is None:
+    def valid(self, tensors: bool = True, strict: bool = False) -> bool:
+        """Whether the live objects still have exactly this plan's structure and, with
+        ``tensors``, its tensors' dtypes and shapes (``strict``: devices and contiguity too;
+        restore writes into them). A native CopyPlan checks the tensors itself: callers that
+        hold one pass ``tensors=False``."""
+        if self._held is None:
             return False
-        cur = self._signature()
+        objs, keys = self._signature()
+        held = self._held
+        if not (keys == self._keys and len(objs) == len(held) and all(map(operator.is_, objs, held))):
+            return False
+        if not tensors:
+            return True
         ts = self.tensors
-        if not (len(cur) == len(self.sig) and all(map(operator.is_, cur, self.sig))
-                and list(map(_DTYPE, ts)) == self.dtypes and list(map(_SHAPE, ts)) == self.shapes):
+        if not (list(map(_DTYPE, ts)) == self.dtypes and list(map(_SHAPE, ts)) == self.shapes):
             return False
         return not strict or (list(map(_DEVICE, ts)) == self.devices
                               and all(map(torch.Tensor.is_contiguous, ts)))

@@ -38,6 +38,7 @@ class Snapshot:
         self._groups: list = []  # per device: (entry indices or None, arena views) for the fused copy
         self._spilled: List[int] = []  # to="cpu": entries of device tensors, copied on a side stream
         self._restore_groups: Optional[list] = None  # per device: (plan indices or None, live targets, views)
+        self._plans: Optional[list] = None  # per device: native CopyPlan (see _native_plans), or None
         self._group = None  # the torch.distributed process group of a per-rank snapshot (None: one process)
         self._file: Optional[dict] = None  # loaded snapshots: the file manifest's checksum and rank record
 
@@ -85,13 +86,28 @@ class Snapshot:
     def _capture(self, retry: bool = True) -> None:
         self._wait()
         bound = self._bound
-        if bound is None or not bound.valid():
+        # the structure by identity; the tensors themselves are compared by the native plans
+        if bound is None or not bound.valid(tensors=self._plans is None or self._layout_of is not bound):
             bound = self._bound = _Bound(self._sources)  # the full walk; cached until the structure changes
         dyn, meta = _dynamic(self._sources, self._rng, bound)
         dyn_key = [(n, t.dtype, t.shape, t.device) for n, t in dyn]
         if self._layout_of is not bound or dyn_key != self._dyn_key:
             self._build_layout(bound, dyn)
             self._dyn_key = dyn_key
+        if self._plans is not None:
+            self._fp_parts, self._fp_rows = [], None  # (a plan reuses its rows buffer when nobody holds it)
+            with torch.no_grad():
+                parts = [(idxs, plan.capture([dyn[j][1] for j in dyn_at], True)) for idxs, _, dyn_at, plan in self._plans]
+            if any(rows is None for _, rows in parts):
+                # a held tensor changed (``p.data = ...``, resized in place, moved): nothing was
+                # copied; walk again and rebuild the layout and the plans
+                if not retry:
+                    raise RuntimeError("memstate: the snapshot plan went stale while it was being rebuilt")
+                self._bound = None
+                return self._capture(retry=False)
+            self._fp_parts, self._fp_rows = parts, None
+            self._meta = meta
+            return
         srcs = bound.tensors + [t for _, t in dyn]
         try:
             with torch.no_grad():  # live parameters as they are (no detach): autograd's fallback is cheaper so
@@ -131,7 +147,32 @@ class Snapshot:
         self._spilled = [i for i, e in enumerate(entries) if self._to == "cpu" and e.device.type != "cpu"]
         self._groups = self._device_groups(local, self._slots)
         self._restore_groups = None
+        self._plans = self._native_plans(bound)
         self._layout_of = bound
+
+    def _native_plans(self, bound: _Bound) -> Optional[list]:
+        """Per device: (entry indices of its capture rows, static entry indices (None for both
+        when there is one device: all, in order), positions in the JSON tree's tensor list of the
+        dynamic tensors it copies, the native ``torch.classes.memstate.CopyPlan``). None when a
+        plan cannot hold the tensors (``to="cpu"``; a non-contiguous or conjugate view, copied
+        through the op with lists instead)."""
+        if self._to == "cpu" or not all(t.is_contiguous() and not t.is_conj() and not t.is_neg()
+                                        for t in bound.tensors):
+            return None
+        n = len(bound.tensors)
+        by_device: Dict[torch.device, List[int]] = {}
+        for i, e in enumerate(self._entries):
+            by_device.setdefault(e.device, []).append(i)
+        bump = {i for i, (name, _) in enumerate(bound.named) if name.startswith(("model.", "extra."))}
+        _ext.ops()
+        plans = []
+        for idxs in by_device.values():
+            static = [i for i in idxs if i < n]
+            plan = torch.classes.memstate.CopyPlan([bound.tensors[i] for i in static], [self._slots[i] for i in idxs],
+                                                   [k for k, i in enumerate(static) if i in bump])
+            one = len(by_device) == 1
+            plans.append((None if one else idxs, None if one else static, [i - n for i in idxs if i >= n], plan))
+        return plans
 
     @staticmethod
     def _device_groups(idxs: List[int], other: List[torch.Tensor]):
@@ -245,7 +286,9 @@ class Snapshot:
 
     def _plan_unchecked(self, policy: str) -> "_Plan":
         bound = self._bound
-        if bound is not None and self._layout_of is bound and self._to != "cpu" and bound.valid(strict=True):
+        if bound is not None and self._layout_of is bound and self._to != "cpu" and (
+                bound.valid(strict=True) if self._plans is None else
+                bound.valid(tensors=False) and all(plan.stale() < 0 for *_, plan in self._plans)):
             return self._plan_bound(policy, bound)
         live_named, _ = _collect_tensor_names(self._sources)
         captured = {e.name for e in self._entries}
@@ -413,18 +456,29 @@ class Snapshot:
         the argument lists built once per layout; fingerprints verified."""
         bound = self._layout_of
         n = len(bound.tensors)
+        if self._plans is not None:  # one native call per device; versions bumped natively
+            with torch.no_grad():
+                parts = [(static, plan.restore()) for _, static, _, plan in self._plans]
+            if any(rows is None for _, rows in parts):  # checked by _plan: only a concurrent change gets here
+                raise SnapshotError("live tensors changed while the snapshot was being restored")
+            self._check_restored(n, parts)
+            return
         if self._restore_groups is None:
             self._restore_groups = [(idxs, [self._slots[i] for i in (range(n) if idxs is None else idxs)], dsts)
                                     for idxs, dsts in self._device_groups(list(range(n)), bound.tensors)]
         ops = _ext.ops()
         with torch.no_grad():
             parts = [(idxs, ops.copy_fingerprint(srcs, dsts, True)) for idxs, srcs, dsts in self._restore_groups]
+        self._check_restored(n, parts)
+        _bump_versions(bound.bump)
+
+    def _check_restored(self, n: int, parts) -> None:
+        """Compares the fingerprints of the n restored tensors with the captured ones."""
         got = _rows_to_cpu(n, parts)
         want = self._fingerprint_rows()[:n]
         if not torch.equal(got, want):  # the arena itself changed in memory since capture
             bad = [self._entries[i].name for i in range(n) if not torch.equal(got[i], want[i])]
             raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
-        _bump_versions(bound.bump)
 
     def _copy_back(self, plan: "_Plan") -> None:
         """The fused copy back into ``plan.targets`` (allocating optimizer state that does not

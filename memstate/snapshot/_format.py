@@ -44,6 +44,7 @@ from memstate.snapshot._arena import _collect_tensor_names
 from memstate.snapshot._bind import _HYPER_POLICIES
 from memstate.snapshot._common import (ALIGN, DIST_FORMAT, FORMAT, FORMAT_VERSION, SnapshotError, _dtype_from_name,
                                        _dtype_name, _Entry)
+from memstate.snapshot._rng import _json_meta
 
 MANIFEST = "manifest.json"
 LOCK = ".memstate.lock"
@@ -217,7 +218,7 @@ def _save_locked(snap, path: str, lock: _Lock, fields: Dict[str, Any]) -> str:
                 _remove(tmp)
     # 2. free space: the new data file and manifest, while the old ones still exist
     entries, data_nbytes = _layout(snap)
-    manifest_estimate = 2 * len(_canonical({"tensors": entries, "meta": snap._meta})) + 4096
+    manifest_estimate = 2 * len(_canonical({"tensors": entries, "meta": _json_meta(snap._meta)})) + 4096
     st = os.statvfs(path)
     free = st.f_bavail * st.f_frsize
     if data_nbytes + manifest_estimate > free:
@@ -246,7 +247,7 @@ def _save_locked(snap, path: str, lock: _Lock, fields: Dict[str, Any]) -> str:
             "data_nbytes": data_nbytes,
             "data_xxh3_128": h.hexdigest(),
             "tensors": entries,
-            "meta": snap._meta,
+            "meta": _json_meta(snap._meta),
             **fields,
         }
         manifest["manifest_xxh3_128"] = xxhash.xxh3_128_hexdigest(_canonical(manifest))
