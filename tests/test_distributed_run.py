@@ -192,7 +192,8 @@ def test_a_dead_rank_keeps_its_seeds_and_resume_finishes_on_three_ranks(runs):
     assert code == 1, err
     assert "a rank failed and the launcher stopped the others; finished seeds are in crash/seeds; " \
            "continue with --resume crash" in err
-    seeds = os.listdir(f"{runs}/crash/seeds")
+    # finished seeds only: a rank stopped while writing leaves its seed_N.json.tmp (atomic write)
+    seeds = [f for f in os.listdir(f"{runs}/crash/seeds") if f.endswith(".json")]
     # rank 1 finished seed 1 and died starting seed 3; rank 0 was stopped during seed 0 or 2 or after
     assert "seed_1.json" in seeds and "seed_3.json" not in seeds and not os.path.exists(f"{runs}/crash/card.json")
     kept = {f: open(f"{runs}/crash/seeds/{f}", "rb").read() for f in seeds}
