@@ -381,3 +381,15 @@ def test_cuda_copy_fingerprint_aligned_and_unaligned():
         for s, d, (a, b) in zip(src, dst, rows):
             assert torch.equal(d, s)
             assert memstate.Fingerprint(a & (2**64 - 1), b & (2**64 - 1)) == ref_fp(s.cpu())
+
+
+def test_one_call_mixing_dense_tensors_and_lazy_views():
+    # the op skips materialising when every tensor already is dense bytes: a conjugate, negative
+    # or strided view anywhere in the list must still be read as its logical bytes
+    gen = torch.Generator().manual_seed(12)
+    z = torch.randn(50, dtype=torch.complex64, generator=gen)
+    x = torch.randn(40, 30, generator=gen)
+    lazy = [z.conj(), z.conj().imag, x.t()]
+    assert lazy[0].is_conj() and lazy[1].is_neg() and not lazy[2].is_contiguous()
+    for ts in ([x, z, x[3:7]] + lazy, lazy + [x, z], [x, lazy[1]]):
+        assert memstate.fingerprint_many(ts) == [ref_fp(t.resolve_conj().resolve_neg().contiguous()) for t in ts]

@@ -21,6 +21,18 @@ namespace {
 
 int64_t g_chunk_bytes = int64_t{1} << 19;  // 512 KiB per work item
 
+// contiguous_bytes_views, without its two dispatcher calls (resolve_conj, resolve_neg) per
+// tensor when every tensor already is dense bytes, the common case: in a call over ~1,000 small
+// tensors they were a large part of the per-tensor host cost. Callers have run common_device
+// (layout and device checked); the bytes read are the same either way.
+std::vector<at::Tensor> bytes_views(at::TensorList tensors, const char* op, const c10::Device& device,
+                                    const char* name = "tensors") {
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_contiguous() || t.is_conj() || t.is_neg()) return contiguous_bytes_views(tensors, op, device, name);
+  }
+  return tensors.vec();
+}
+
 // Sums of every tensor as an int64 [N, 2] tensor holding the uint64 bit patterns. When `dst` is
 // given, each chunk of ts[i] is first copied to dst[i] and the copy is hashed while in cache:
 // a fused copy + fingerprint in one pass over memory.
@@ -45,7 +57,7 @@ at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint6
 at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pairs) {
   c10::Device device(c10::kCPU);
   common_device("fingerprint_sums", {{"tensors", tensors}}, device);
-  auto ts = contiguous_bytes_views(tensors, "fingerprint_sums", device);
+  auto ts = bytes_views(tensors, "fingerprint_sums", device);
   return msfp1_sums(ts, checked_first_pairs(first_pairs, ts.size(), "fingerprint_sums"));
 }
 
@@ -59,7 +71,7 @@ void finalize_rows(at::Tensor& out, const std::vector<at::Tensor>& ts) {
 at::Tensor fingerprint_cpu(at::TensorList tensors) {
   c10::Device device(c10::kCPU);
   common_device("fingerprint", {{"tensors", tensors}}, device);
-  auto ts = contiguous_bytes_views(tensors, "fingerprint", device);
+  auto ts = bytes_views(tensors, "fingerprint", device);
   at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0));
   finalize_rows(out, ts);
   return out;
@@ -70,7 +82,7 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
   common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device);
   TORCH_CHECK(dst.size() == src.size(), "memstate.copy_fingerprint: ", src.size(), " sources but ", dst.size(),
               " destinations");
-  auto ts = contiguous_bytes_views(src, "copy_fingerprint", device, "src");
+  auto ts = bytes_views(src, "copy_fingerprint", device, "src");
   const auto dptr = checked_copy_targets(ts, dst, "copy_fingerprint");
   at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0), &dptr, fingerprint);
   if (!fingerprint) return at::empty({0}, at::kLong);

@@ -154,6 +154,7 @@ class _Bound:
 
     def __init__(self, sources: Dict[str, Any]):
         self.named = _static_named(sources)
+        self.source_keys = sorted(k for k, v in sources.items() if v is not None)  # (the dict is never rebound)
         for n, t in self.named:
             _check_tensor(n, t)
         self.tensors = [t for _, t in self.named]
@@ -239,7 +240,7 @@ def _dynamic(sources: Dict[str, Any], rng: bool, bound: _Bound) -> Tuple[List[Tu
     states): recomputed on every capture (small, except per-parameter non-tensor optimizer
     state, which only parameters that have such values pay for)."""
     named: List[Tuple[str, torch.Tensor]] = []
-    meta: dict = {"sources": sorted(k for k, v in sources.items() if v is not None)}
+    meta: dict = {"sources": list(bound.source_keys)}
     opt = sources.get("optimizer")
     if opt is not None:
         groups = [_encode({k: v for k, v in g.items() if k != "params"}, f"optimizer.param_groups.{gi}", named)

@@ -110,5 +110,5 @@ class _Plan:
     opt_state: Dict[int, dict]  # saved index -> state (tensors filled in by _apply)
     loads: List[Tuple[str, Any, Any]]  # (what, object, decoded state_dict) for load_state_dict
     rng: Optional[dict]  # _check_rng output
-    fast: bool = False  # bound plan still valid: targets are its tensors, optimizer state keys unchanged
+    fast: bool = False  # bound plan still valid: targets are its tensors (the static entries only), state keys unchanged
 

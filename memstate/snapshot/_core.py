@@ -16,6 +16,8 @@ from memstate.snapshot._common import _M64, SnapshotError, _bytes_view, _dtype_n
 from memstate.snapshot._rng import _check_rng, _restore_rng
 from memstate.snapshot._tree import _decode
 
+_NO_TENSORS: List[torch.Tensor] = []  # capture()'s dynamic tensors when the JSON tree holds none (never mutated)
+
 
 class Snapshot:
     """A bit-exact copy of a training state, bound to the live objects it came from."""
@@ -96,8 +98,12 @@ class Snapshot:
             self._dyn_key = dyn_key
         if self._plans is not None:
             self._fp_parts, self._fp_rows = [], None  # (a plan reuses its rows buffer when nobody holds it)
-            with torch.no_grad():
-                parts = [(idxs, plan.capture([dyn[j][1] for j in dyn_at], True)) for idxs, _, dyn_at, plan in self._plans]
+            if dyn:  # (the plan copies raw bytes: grad mode only matters for the views it takes of these)
+                with torch.no_grad():
+                    parts = [(idxs, plan.capture([dyn[j][1] for j in dyn_at], True))
+                             for idxs, _, dyn_at, plan in self._plans]
+            else:
+                parts = [(idxs, plan.capture(_NO_TENSORS, True)) for idxs, _, _, plan in self._plans]
             if any(rows is None for _, rows in parts):
                 # a held tensor changed (``p.data = ...``, resized in place, moved): nothing was
                 # copied; walk again and rebuild the layout and the plans
@@ -387,8 +393,7 @@ class Snapshot:
             groups = _hyperparameters(opt, [_decode(g, tensors) for g in meta["param_groups"]], policy)
             opt_state = {i: dict(_decode(meta["state"][str(i)], tensors)) for i, _ in bound.non_tensor}
         loads, rng_state = self._check_objects(tensors)
-        return _Plan(bound.tensors + [None] * (len(self._entries) - n), tensors, binding, groups, opt_state, loads,
-                     rng_state, fast=True)
+        return _Plan(bound.tensors, tensors, binding, groups, opt_state, loads, rng_state, fast=True)
 
     def restore(self, *, hyperparameters: Optional[str] = None) -> None:
         """Writes the captured state back into the live objects, in place, verifying every
@@ -457,8 +462,7 @@ class Snapshot:
         bound = self._layout_of
         n = len(bound.tensors)
         if self._plans is not None:  # one native call per device; versions bumped natively
-            with torch.no_grad():
-                parts = [(static, plan.restore()) for _, static, _, plan in self._plans]
+            parts = [(static, plan.restore()) for _, static, _, plan in self._plans]  # raw bytes: no autograd
             if any(rows is None for _, rows in parts):  # checked by _plan: only a concurrent change gets here
                 raise SnapshotError("live tensors changed while the snapshot was being restored")
             self._check_restored(n, parts)
@@ -475,7 +479,9 @@ class Snapshot:
     def _check_restored(self, n: int, parts) -> None:
         """Compares the fingerprints of the n restored tensors with the captured ones."""
         got = _rows_to_cpu(n, parts)
-        want = self._fingerprint_rows()[:n]
+        want = self._fingerprint_rows()
+        if len(want) != n:
+            want = want[:n]
         if not torch.equal(got, want):  # the arena itself changed in memory since capture
             bad = [self._entries[i].name for i in range(n) if not torch.equal(got[i], want[i])]
             raise SnapshotError(f"snapshot arena corrupted in memory: fingerprints differ for {', '.join(bad[:10])}")
