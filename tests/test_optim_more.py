@@ -15,7 +15,7 @@ import memstate
 import memstate.optim as mo
 from memstate import _ext
 from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, assert_bitwise_same,
-                        assert_steps_equal_reference,
+                        assert_resume_is_bitwise, assert_steps_equal_reference,
                         assert_close_to_torch, combo_id, leaves, make_grads, make_init, run, set_grads,
                         snapshot, split_groups, state_tensors)
 
@@ -500,21 +500,7 @@ def test_state_dict_interoperates_with_torch(name, kw, direction):
 @pytest.mark.parametrize("name, kw", STATE_CASES + [("Lion", dict(lr=1e-3, weight_decay=0.1))],
                          ids=_ids(STATE_CASES + [("Lion", dict(lr=1e-3, weight_decay=0.1))]))
 def test_resume_from_state_dict_is_bitwise(name, kw):
-    init = make_init(SHAPES, seed=34)
-    grads = make_grads(SHAPES, 12, seed=35)
-    pa = leaves(init)
-    a = run(MS[name](pa, **kw), pa, grads)
-    pb = leaves(init)
-    b = run(MS[name](pb, **kw), pb, grads[:6])
-    buf = io.BytesIO()
-    torch.save({"model": [p.detach() for p in pb], "opt": b.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=True)
-    pc = leaves(ck["model"])
-    c = MS[name](pc, **kw)
-    c.load_state_dict(ck["opt"])
-    run(c, pc, grads[6:])
-    assert_bitwise_same(snapshot(pa, a), snapshot(pc, c), "resumed")
+    assert_resume_is_bitwise(MS[name], kw, 12, "resumed")
 
 
 @pytest.mark.parametrize("name, kw", STATE_CASES, ids=_ids(STATE_CASES))

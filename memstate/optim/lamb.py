@@ -8,21 +8,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from memstate import _ext
-from memstate.optim._base import _check_lr, _is_dense, _real, _scalar_dtype, _state_like
+from memstate.optim._base import _is_dense, _real, _scalar_dtype, _state_like
+from memstate.optim.adam import _check_hparams as _check_lamb_hparams  # the same value checks and messages
 from memstate.optim._stepped import StepCounted
-
-
-def _check_lamb_hparams(lr, betas, eps, weight_decay) -> None:
-    """Value checks in torch.optim's style and messages (ValueError naming the argument)."""
-    _check_lr(lr)
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 def _kernel_shape(p: torch.Tensor) -> Tuple[int, ...]:
