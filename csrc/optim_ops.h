@@ -173,6 +173,10 @@ at::Tensor adam_run(const Runner& runner, const OptimArgs& a, at::ArrayRef<doubl
     std::vector<optim::TensorScalars<M>> ts(a.n);
     for (int64_t i = 0; i < a.n; ++i) {
       TORCH_CHECK(steps[i] >= 1.0, "memstate.adam_step: steps[", i, "] = ", steps[i], " must be >= 1");
+      if (i > 0 && steps[i] == steps[i - 1]) {  // the same step count: the same pow() results
+        ts[i] = ts[i - 1];
+        continue;
+      }
       const auto st = optim::make_adam_step_scalars<M>(lr, beta1, beta2, steps[i]);
       ts[i] = {st.step_size, st.bias_correction2_sqrt, 0};
     }

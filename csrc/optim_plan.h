@@ -16,10 +16,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/custom_class.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <iterator>
 #include <string>
@@ -51,11 +53,32 @@ inline int64_t plan_scalar_count(PlanKind k) {
   TORCH_CHECK(false, "memstate.StepPlan: unknown optimizer kind ", static_cast<int64_t>(k));
 }
 
-// What a held tensor must still have for the plan to hold: its memory, element count, dtype.
-struct PlanSignature {
-  const void* data;
-  int64_t numel;
-  at::ScalarType dtype;
+// A tensor the plan holds (parameter, state buffer, step counter) and what it must still have
+// for the plan to hold: its memory (data pointer and the deleter of its storage's DataPtr: a
+// copy-on-write lazy clone swaps the deleter, not the pointer), element count and dtype. The
+// TensorImpl is read directly every step (the at::Tensor is kept alive in args.roles / steps);
+// `storage` is the StorageImpl at build time, a prefetch hint only (never dereferenced unless
+// the tensor still points to it).
+struct PlanHeld {
+  c10::TensorImpl* impl = nullptr;
+  c10::StorageImpl* storage = nullptr;
+  const void* data = nullptr;
+  c10::DeleterFnPtr deleter = nullptr;
+  int64_t numel = 0;
+  caffe2::TypeMeta dtype;
+  bool watched = false;  // in the plan's watch list: ...
+  int64_t version = 0;   // ... its version counter, read with the last step's checks
+};
+
+// Per parameter: its autograd meta at build time (where its gradient is read; a parameter
+// whose meta changed fails the check), its shape's rank (shapes of rank <= 1 are implied by
+// the element count), and the last gradient byte range found disjoint from every written
+// range (the ranges are fixed for the plan's life, so an unchanged gradient is not searched
+// again).
+struct PlanParam {
+  torch::autograd::AutogradMeta* meta = nullptr;
+  int64_t dim = 0;
+  uintptr_t grad_begin = 0, grad_end = 0;
 };
 
 // One fused pass of a plan: args.roles[0] params, roles[2..] state buffers, all checked at
@@ -66,9 +89,13 @@ struct PlanBucket {
   OptimArgs args;
   std::vector<at::Tensor> steps;     // step counters, one per tensor (or none)
   std::vector<double> step_values;   // their values after this step's increment
-  std::vector<PlanSignature> sig;    // per written role (role-major), then per step counter
+  int64_t nheld = 0;                 // held tensors per parameter: param, state roles[, step counter]
+  std::vector<PlanHeld> held;        // tensor-major: held[i * nheld + k]
+  std::vector<PlanParam> pinfo;      // per parameter
   std::vector<int64_t> sizes;        // params' shapes at build time, concatenated ...
   std::vector<int64_t> size_off;     // ... tensor i's from size_off[i]
+  caffe2::TypeMeta dtype;            // every held tensor's and gradient's dtype ...
+  c10::Device device = c10::Device(c10::kCPU);  // ... and device
   std::vector<std::pair<uintptr_t, uintptr_t>> written;  // sorted, disjoint byte ranges written
   at::Tensor device_table;           // what the device runner keeps (CUDA: its chunk table) ...
   int64_t chunk_elems = 0;           // ... and the chunk size it was cut with
@@ -174,15 +201,8 @@ class StepPlan : public torch::CustomClassHolder {
     }
     TORCH_CHECK(pi == params.size() && si == states.size() && (!has_steps || ci == steps.size()),
                 "memstate.StepPlan: the tensor lists are longer than the buckets say");
-    for (PlanBucket& b : buckets_) {
-      for (int r = 0; r < b.args.nroles; ++r) {
-        if (r != optim::kGrad) {
-          for (const at::Tensor& t : b.args.roles[r]) b.sig.push_back(signature(t));
-        }
-      }
-      for (const at::Tensor& s : b.steps) b.sig.push_back(signature(s));
-      b.args.roles[optim::kGrad].clear();  // the grads are re-read every step
-    }
+    for (PlanBucket& b : buckets_) index_bucket(b);
+    index_watch();
   }
 
   // One step: `scalars` holds plan_scalar_count(kind) values per param group (groups in order). Returns, per bucket,
@@ -196,33 +216,43 @@ class StepPlan : public torch::CustomClassHolder {
       if (!flags_fit(b, scalars.data() + b.group * nscalars_)) return {};
     }
     for (const at::Tensor& p : absent_) {
-      if (p.grad().defined()) return {};
+      if (p.unsafeGetTensorImpl()->grad().defined()) return {};
     }
+    // The version counters of the watched tensors are read with the checks: the step itself
+    // writes through raw pointers and moves none of them.
+    const bool record = !watch_.empty();
+    recorded_ = false;
     for (PlanBucket& b : buckets_) {
-      if (!ready(b)) return {};
+      if (!(record ? ready<true>(b) : ready<false>(b))) return {};
     }
     // Everything checked: from here on the step runs.
     for (PlanBucket& b : buckets_) {
-      const PlanSignature* sc = step_signatures(b);
-      for (size_t i = 0; i < b.steps.size(); ++i) b.step_values[i] = increment_at(sc[i]);
+      for (size_t i = 0; i < b.steps.size(); ++i) b.step_values[i] = increment_at(step_held(b, i));
     }
     std::vector<at::Tensor> out;
     out.reserve(buckets_.size() + 1);
     for (PlanBucket& b : buckets_) {
-      const int dev = plan_device_index(b.args.roles[0][0].device());
+      const int dev = plan_device_index(b.device);
       out.push_back(g_plan_devices[dev]->run(kind_, b, scalars.data() + b.group * nscalars_, fingerprint));
     }
     out.push_back(fingerprint ? step_fingerprints() : at::empty({0, 2}, at::kLong));
-    versions_.clear();
-    for (const at::Tensor& t : watch_) versions_.push_back(static_cast<int64_t>(t._version()));
+    extra_versions_.clear();
+    for (const at::Tensor& t : extra_watch_) extra_versions_.push_back(static_cast<int64_t>(t._version()));
+    recorded_ = record;
     return out;
   }
 
   // Whether a watched tensor was written since the last step (its version counter moved).
   bool watch_stale() const {
-    if (versions_.size() != watch_.size()) return true;
-    for (size_t i = 0; i < watch_.size(); ++i) {
-      if (static_cast<int64_t>(watch_[i]._version()) != versions_[i]) return true;
+    if (watch_.empty()) return false;
+    if (!recorded_ || extra_versions_.size() != extra_watch_.size()) return true;
+    for (size_t i = 0; i < extra_watch_.size(); ++i) {
+      if (static_cast<int64_t>(extra_watch_[i]._version()) != extra_versions_[i]) return true;
+    }
+    for (const PlanBucket& b : buckets_) {
+      for (const PlanHeld& h : b.held) {
+        if (h.watched && static_cast<int64_t>(h.impl->version_counter().current_version()) != h.version) return true;
+      }
     }
     return false;
   }
@@ -230,17 +260,76 @@ class StepPlan : public torch::CustomClassHolder {
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
 
  private:
-  static PlanSignature signature(const at::Tensor& t) { return {t.const_data_ptr(), t.numel(), t.scalar_type()}; }
+  static c10::StorageImpl* storage_of(const c10::TensorImpl* t) { return t->unsafe_storage().unsafeGetStorageImpl(); }
 
-  // The step counters' signatures (after the written roles'): checked by ready(), so their data
-  // pointers are the counters' (no second walk through the tensor objects).
-  static const PlanSignature* step_signatures(const PlanBucket& b) {
-    return b.sig.data() + static_cast<size_t>(b.args.nroles - 1) * static_cast<size_t>(b.args.n);
+  // What const_data_ptr() returns (nullptr for an empty tensor), from the fields: no checks.
+  static const void* data_of(const c10::TensorImpl* t, c10::StorageImpl* st, size_t itemsize) {
+    if (t->numel() == 0) return nullptr;
+    return static_cast<const char*>(st->_mutable_data_ptr_no_checks().get()) +
+           itemsize * static_cast<size_t>(t->storage_offset());
   }
 
-  // increment_step (optim_ops.h) through a checked signature.
-  static double increment_at(const PlanSignature& s) {
-    if (s.dtype == at::kFloat) {
+  static PlanHeld held_of(const at::Tensor& t) {
+    PlanHeld h;
+    h.impl = t.unsafeGetTensorImpl();
+    h.storage = storage_of(h.impl);
+    TORCH_CHECK(h.storage != nullptr, "memstate.StepPlan: a planned tensor has no storage");
+    h.data = t.const_data_ptr();
+    h.deleter = h.storage->_mutable_data_ptr_no_checks().get_deleter();
+    h.numel = t.numel();
+    h.dtype = t.dtype();
+    TORCH_CHECK(data_of(h.impl, h.storage, h.dtype.itemsize()) == h.data, "memstate.StepPlan: unexpected tensor layout");
+    return h;
+  }
+
+  // Fills the bucket's held tensors and per-parameter records (build time).
+  static void index_bucket(PlanBucket& b) {
+    const OptimArgs& a = b.args;
+    const int64_t n = a.n;
+    b.nheld = a.nroles - 1 + (b.steps.empty() ? 0 : 1);
+    b.held.reserve(static_cast<size_t>(n * b.nheld));
+    b.dtype = a.roles[0][0].dtype();
+    b.device = a.roles[0][0].device();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int r = 0; r < a.nroles; ++r) {
+        if (r != optim::kGrad) b.held.push_back(held_of(a.roles[r][i]));
+      }
+      if (!b.steps.empty()) b.held.push_back(held_of(b.steps[i]));
+      const at::Tensor& p = a.roles[0][i];
+      PlanParam pp;
+      pp.meta = dynamic_cast<torch::autograd::AutogradMeta*>(p.unsafeGetTensorImpl()->autograd_meta());
+      TORCH_CHECK(pp.meta != nullptr, "memstate.StepPlan: a planned parameter has no autograd meta");
+      pp.dim = p.dim();
+      b.pinfo.push_back(pp);
+    }
+    b.args.roles[optim::kGrad].clear();  // the grads are re-read every step
+  }
+
+  // Splits watch_ into held tensors (their versions are read by ready()) and the others.
+  void index_watch() {
+    std::vector<const c10::TensorImpl*> watched;
+    for (const at::Tensor& t : watch_) watched.push_back(t.unsafeGetTensorImpl());
+    std::sort(watched.begin(), watched.end());
+    std::vector<const c10::TensorImpl*> held;
+    for (PlanBucket& b : buckets_) {
+      for (PlanHeld& h : b.held) {
+        h.watched = std::binary_search(watched.begin(), watched.end(), h.impl);
+        held.push_back(h.impl);
+      }
+    }
+    std::sort(held.begin(), held.end());
+    for (const at::Tensor& t : watch_) {
+      if (!std::binary_search(held.begin(), held.end(), t.unsafeGetTensorImpl())) extra_watch_.push_back(t);
+    }
+  }
+
+  static const PlanHeld& step_held(const PlanBucket& b, size_t i) {
+    return b.held[(i + 1) * static_cast<size_t>(b.nheld) - 1];
+  }
+
+  // increment_step (optim_ops.h) through a checked held counter.
+  static double increment_at(const PlanHeld& s) {
+    if (s.dtype == caffe2::TypeMeta::Make<float>()) {
       float* v = static_cast<float*>(const_cast<void*>(s.data));
       *v = *v + 1.0f;
       return *v;
@@ -277,90 +366,144 @@ class StepPlan : public torch::CustomClassHolder {
     return false;
   }
 
-  static void prefetch_impl(const at::Tensor& t) {
-    const char* q = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
-    for (int o = 0; o < 256; o += 64) __builtin_prefetch(q + o);  // the fields the checks read
+  // The bytes of a TensorImpl that the checks read: storage_ and autograd_meta_, the rank and
+  // first sizes, and storage_offset_ .. key_set_ (with the contiguity bits). Addresses past
+  // the object are harmless: a prefetch never faults.
+  static void prefetch_impl(const c10::TensorImpl* t, bool sizes) {
+    const char* q = reinterpret_cast<const char*>(t);
+    __builtin_prefetch(q + 16);
+    if (sizes) __builtin_prefetch(q + 96);
+    __builtin_prefetch(q + 144);
+    __builtin_prefetch(q + sizeof(c10::TensorImpl) - 1);
   }
 
-  static void prefetch_storage(const at::Tensor& t) {
-    const c10::Storage& s = t.unsafeGetTensorImpl()->unsafe_storage();
-    if (s) __builtin_prefetch(s.unsafeGetStorageImpl());
+  static void prefetch_storage(const c10::StorageImpl* s) {
+    __builtin_prefetch(reinterpret_cast<const char*>(s) + 16);  // the DataPtr
+  }
+
+  // The address of a tensor's version counter object (a prefetch hint only).
+  static const void* version_object(const c10::TensorImpl* t) {
+    static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion holds one pointer");
+    return *reinterpret_cast<const void* const*>(&t->version_counter());
+  }
+
+  // Whether held tensor h still has the memory, deleter, element count and dtype it had at
+  // build time, densely (contiguous, no lazy conjugate or negation); with `record`, reads its
+  // version counter.
+  template <bool kRecord>
+  static bool held_fits(PlanHeld& h) {
+    const c10::TensorImpl* t = h.impl;
+    if (t->dtype() != h.dtype || t->numel() != h.numel || !t->is_contiguous() || t->is_conj() || t->is_neg()) {
+      return false;
+    }
+    c10::StorageImpl* st = storage_of(t);
+    if (st == nullptr || st->_mutable_data_ptr_no_checks().get_deleter() != h.deleter ||
+        data_of(t, st, h.dtype.itemsize()) != h.data) {
+      return false;
+    }
+    if constexpr (kRecord) {
+      const c10::VariableVersion& vv = t->version_counter();
+      if (!vv.enabled()) return false;
+      h.version = static_cast<int64_t>(vv.current_version());
+    }
+    return true;
   }
 
   // Whether the bucket still fits the plan, reading every gradient's pointer into the grads
   // column of args.data: every held tensor has the memory, element count, dtype and contiguity
-  // it had at build time (`p.data = other` or a resized storage fail here), every parameter its
-  // shape, every step counter is a finite count >= 0, and every gradient is defined, dense, the
-  // parameter's dtype, shape and device, contiguous and overlaps no tensor the pass writes.
+  // it had at build time (`p.data = other`, a resized storage or a copy-on-write clone fail
+  // here), every parameter its shape and autograd meta, every step counter is a finite count
+  // >= 0, and every gradient is defined, dense, the parameter's dtype, shape and device,
+  // contiguous and overlaps no tensor the pass writes.
   //
   // The checks chase pointers through thousands of small objects (tensor -> storage -> data,
-  // parameter -> autograd meta -> gradient -> storage); blocks of tensors issue each level's
-  // loads together (software prefetch), so that their cache misses overlap.
+  // parameter -> autograd meta -> gradient -> storage). One pass over the parameters keeps a
+  // software pipeline of prefetches ahead of the checks: kAhead parameters ahead, every held
+  // tensor's TensorImpl, its StorageImpl as at build time, the step counter's value and the
+  // parameter's autograd meta (addresses known from the build: no dependent load); kAhead / 2
+  // ahead, the gradient's TensorImpl (read from the meta, fetched by then); kAhead / 4 ahead,
+  // the gradient's StorageImpl. Their cache misses overlap instead of queueing.
+  template <bool kRecord>
   static bool ready(PlanBucket& b) {
-    constexpr int64_t kBlock = 16;
-    const OptimArgs& a = b.args;
-    const int64_t n = a.n;
-    const auto& params = a.roles[0];
-    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-      const int64_t i1 = std::min(n, i0 + kBlock);
-      for (int r = 0; r < a.nroles; ++r) {
-        if (r == optim::kGrad) continue;
-        for (int64_t i = i0; i < i1; ++i) prefetch_impl(a.roles[r][i]);
+    static const int64_t kAhead = std::getenv("MS_RAHEAD") ? std::atoll(std::getenv("MS_RAHEAD")) : 16;  // TEMPORARY
+    const int64_t n = b.args.n;
+    const int64_t k = b.nheld;
+    const bool counted = !b.steps.empty();
+    const size_t itemsize = b.dtype.itemsize();
+    const auto stage0 = [&](int64_t i) {
+      for (int64_t j = 0; j < k; ++j) {
+        const PlanHeld& h = b.held[static_cast<size_t>(i * k + j)];
+        prefetch_impl(h.impl, j == 0 && b.pinfo[i].dim > 1);
+        prefetch_storage(h.storage);
       }
-      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) prefetch_impl(b.steps[i]);
-      for (int r = 0; r < a.nroles; ++r) {
-        if (r == optim::kGrad) continue;
-        for (int64_t i = i0; i < i1; ++i) prefetch_storage(a.roles[r][i]);
+      if (counted) __builtin_prefetch(b.held[static_cast<size_t>(i * k + k - 1)].data);
+      __builtin_prefetch(reinterpret_cast<const char*>(b.pinfo[i].meta) + offsetof(torch::autograd::AutogradMeta, grad_));
+    };
+    // the gradient as the parameter's live autograd meta has it (the build-time meta only if
+    // it is still the parameter's: a replaced one may be freed)
+    const auto grad_impl = [&](int64_t i) -> const c10::TensorImpl* {
+      const c10::AutogradMetaInterface* m = b.held[static_cast<size_t>(i * k)].impl->autograd_meta();
+      return m == b.pinfo[i].meta ? b.pinfo[i].meta->grad_.unsafeGetTensorImpl() : nullptr;
+    };
+    const auto stage1 = [&](int64_t i) {
+      if (const c10::TensorImpl* g = grad_impl(i)) prefetch_impl(g, b.pinfo[i].dim > 1);
+      if (kRecord) {
+        for (int64_t j = 0; j < k; ++j) __builtin_prefetch(version_object(b.held[static_cast<size_t>(i * k + j)].impl));
       }
-      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) prefetch_storage(b.steps[i]);
-      for (int64_t i = i0; i < i1; ++i) __builtin_prefetch(params[i].unsafeGetTensorImpl()->autograd_meta());
-      for (int64_t i = i0; i < i1; ++i) prefetch_impl(params[i].grad());
-      for (int64_t i = i0; i < i1; ++i) prefetch_storage(params[i].grad());
-      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) __builtin_prefetch(b.steps[i].const_data_ptr());
+    };
+    const auto stage2 = [&](int64_t i) {
+      const c10::TensorImpl* g = grad_impl(i);
+      if (g != nullptr && storage_of(g) != nullptr) prefetch_storage(storage_of(g));
+    };
+    for (int64_t i = 0; i < std::min(n, kAhead); ++i) stage0(i);
+    for (int64_t i = 0; i < std::min(n, kAhead / 2); ++i) stage1(i);
+    for (int64_t i = 0; i < std::min(n, kAhead / 4); ++i) stage2(i);
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) stage0(i + kAhead);
+      if (i + kAhead / 2 < n) stage1(i + kAhead / 2);
+      if (i + kAhead / 4 < n) stage2(i + kAhead / 4);
 
-      size_t slot = 0;
-      for (int r = 0; r < a.nroles; ++r, ++slot) {
-        if (r == optim::kGrad) {
-          --slot;
-          continue;
-        }
-        for (int64_t i = i0; i < i1; ++i) {
-          const at::Tensor& t = a.roles[r][i];
-          const PlanSignature& s = b.sig[slot * n + i];
-          if (t.const_data_ptr() != s.data || t.numel() != s.numel || t.scalar_type() != s.dtype ||
-              !t.is_contiguous() || t.is_conj() || t.is_neg()) {
-            return false;
-          }
-        }
+      PlanHeld* hs = &b.held[static_cast<size_t>(i * k)];
+      for (int64_t j = 0; j < k; ++j) {
+        if (!held_fits<kRecord>(hs[j])) return false;
       }
-      for (int64_t i = i0; i < i1 && !b.steps.empty(); ++i) {
-        const at::Tensor& t = b.steps[i];
-        const PlanSignature& s = b.sig[slot * n + i];
-        if (t.const_data_ptr() != s.data || t.numel() != s.numel || t.scalar_type() != s.dtype) return false;
-        const double v = step_value(t);
+      if (counted) {
+        const PlanHeld& s = hs[k - 1];
+        const double v = s.dtype == caffe2::TypeMeta::Make<float>() ? static_cast<double>(*static_cast<const float*>(s.data))
+                                                                   : *static_cast<const double*>(s.data);
         if (!std::isfinite(v) || v < 0) return false;
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        const at::Tensor& p = params[i];
-        const auto sz = p.sizes();
-        if (static_cast<int64_t>(sz.size()) != b.size_off[i + 1] - b.size_off[i] ||
-            !std::equal(sz.begin(), sz.end(), b.sizes.begin() + b.size_off[i])) {
-          return false;
-        }
-        const at::Tensor& g = p.grad();
-        if (!g.defined() || g.layout() != at::kStrided || g.scalar_type() != p.scalar_type() ||
-            g.device() != p.device() || !g.is_contiguous() || g.is_conj() || g.is_neg() || g.sizes() != sz) {
-          return false;
-        }
-        const auto gb = reinterpret_cast<uintptr_t>(g.const_data_ptr());
-        const uintptr_t ge = gb + static_cast<uintptr_t>(g.numel()) * static_cast<uintptr_t>(g.element_size());
-        if (ge > gb) {
-          // the first written range starting at or after ge; the one before it must end by gb
-          auto it = std::lower_bound(b.written.begin(), b.written.end(), std::make_pair(ge, uintptr_t{0}));
-          if (it != b.written.begin() && std::prev(it)->second > gb) return false;
-        }
-        b.args.data[static_cast<size_t>(optim::kGrad * n + i)] = const_cast<void*>(g.const_data_ptr());
+      // the parameter: its shape (the rank and element count imply it up to rank 1) and the
+      // autograd meta its gradient is read from
+      PlanParam& pp = b.pinfo[i];
+      const c10::TensorImpl* p = hs[0].impl;
+      const int64_t* sz = b.sizes.data() + b.size_off[i];
+      if (p->dim() != pp.dim || (pp.dim > 1 && !std::equal(sz, sz + pp.dim, p->sizes().begin())) ||
+          p->autograd_meta() != pp.meta) {
+        return false;
       }
+      const at::Tensor& gt = pp.meta->grad_;
+      if (!gt.defined()) return false;
+      const c10::TensorImpl* g = gt.unsafeGetTensorImpl();
+      if (g->layout() != at::kStrided || g->dtype() != b.dtype || g->numel() != hs[0].numel || g->dim() != pp.dim ||
+          !g->is_contiguous() || g->is_conj() || g->is_neg() || g->device() != b.device ||
+          (pp.dim > 1 && !std::equal(sz, sz + pp.dim, g->sizes().begin()))) {
+        return false;
+      }
+      c10::StorageImpl* gs = storage_of(g);
+      if (gs == nullptr) return false;
+      const void* gd = data_of(g, gs, itemsize);
+      if (gd == nullptr && hs[0].numel > 0) return false;
+      const auto gb = reinterpret_cast<uintptr_t>(gd);
+      const uintptr_t ge = gb + static_cast<uintptr_t>(hs[0].numel) * itemsize;
+      if (ge > gb && (gb != pp.grad_begin || ge != pp.grad_end)) {
+        // the first written range starting at or after ge; the one before it must end by gb
+        auto it = std::lower_bound(b.written.begin(), b.written.end(), std::make_pair(ge, uintptr_t{0}));
+        if (it != b.written.begin() && std::prev(it)->second > gb) return false;
+        pp.grad_begin = gb;
+        pp.grad_end = ge;
+      }
+      b.args.data[static_cast<size_t>(optim::kGrad * n + i)] = const_cast<void*>(gd);
     }
     return true;
   }
@@ -371,11 +514,11 @@ class StepPlan : public torch::CustomClassHolder {
     at::Tensor out = at::empty({n, 2}, at::kLong);
     auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
     for (const PlanBucket& b : buckets_) {
-      const PlanSignature* sc = step_signatures(b);
       for (size_t i = 0; i < b.steps.size(); ++i) {
-        const uint64_t nbytes = sc[i].dtype == at::kFloat ? sizeof(float) : sizeof(double);
+        const PlanHeld& s = step_held(b, i);
+        const uint64_t nbytes = s.dtype.itemsize();
         uint64_t s0 = 0, s1 = 0;
-        cpu::msfp1_accumulate(static_cast<const unsigned char*>(sc[i].data), nbytes, 0, s0, s1);
+        msfp1::accumulate_bytes(static_cast<const unsigned char*>(s.data), nbytes, 0, s0, s1);
         *o++ = msfp1::finalize_lane0(s0, nbytes);
         *o++ = msfp1::finalize_lane1(s1, nbytes);
       }
@@ -389,7 +532,9 @@ class StepPlan : public torch::CustomClassHolder {
   std::vector<PlanBucket> buckets_;
   std::vector<at::Tensor> absent_;
   std::vector<at::Tensor> watch_;
-  std::vector<int64_t> versions_;
+  std::vector<at::Tensor> extra_watch_;  // watched tensors the plan does not hold ...
+  std::vector<int64_t> extra_versions_;  // ... and their versions after the last step
+  bool recorded_ = false;                // whether the last step recorded the held tensors' versions
 };
 
 }  // namespace memstate

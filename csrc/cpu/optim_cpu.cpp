@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "../optim_ops.h"
@@ -70,26 +72,36 @@ __attribute__((target("avx2"))) void update_range_avx2(const Op& op, typename Op
 #endif
 
 template <class Op>
-void update_chunk(const Op& op, typename Op::storage_t* const* ptr,
-                  const optim::TensorScalars<typename Op::M>& ts, int64_t begin, int64_t end) {
+using UpdateFn = void (*)(const Op&, typename Op::storage_t* const*, const optim::TensorScalars<typename Op::M>&,
+                          int64_t, int64_t);
+
+// The update loop for the active ISA (chosen once per pass, not per chunk).
+template <class Op>
+UpdateFn<Op> update_fn() {
 #if defined(__x86_64__)
-  if (active_isa() == Isa::kAvx2) return update_range_avx2(op, ptr, ts, begin, end);
+  if (active_isa() == Isa::kAvx2) return &update_range_avx2<Op>;
 #endif
-  update_range_default(op, ptr, ts, begin, end);
+  return &update_range_default<Op>;
+}
+
+inline int64_t tune_env(const char* name, int64_t dflt) {  // TEMPORARY tuning knob
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : dflt;
 }
 
 struct CpuRunner {
-  static constexpr int64_t kAhead = 2;            // chunks
-  static constexpr int64_t kPrefetchBytes = 512;  // per role
-
   template <class Op>
   static at::Tensor run(const Op& op, const OptimArgs& a,
                         const std::vector<optim::TensorScalars<typename Op::M>>& ts, bool fingerprint) {
+    static const int64_t kAhead = tune_env("MS_AHEAD", 2);            // chunks
+    static const int64_t kPrefetchBytes = tune_env("MS_PFB", 512);  // per role
+    static const int kLocality = static_cast<int>(tune_env("MS_LOC", 3));
     using T = typename Op::storage_t;
     constexpr int R = Op::kRoles;
     constexpr int64_t kElem = sizeof(T);
     const int64_t n = a.n;
     const int64_t chunk = g_optim_chunk_elems;
+    const UpdateFn<Op> update = update_fn<Op>();
     std::vector<int64_t> chunk_begin(n + 1, 0);
     int64_t total_elems = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -97,41 +109,53 @@ struct CpuRunner {
       chunk_begin[i + 1] = chunk_begin[i] + (a.numel[i] + chunk - 1) / chunk;
     }
     const int64_t nchunks = chunk_begin[n];
-    std::vector<uint64_t> partial(fingerprint ? nchunks * R * 2 : 0, 0);
+    // every chunk sets its own partial sums: no zero fill
+    std::unique_ptr<uint64_t[]> partial(fingerprint ? new uint64_t[static_cast<size_t>(nchunks * R * 2)] : nullptr);
+    const auto prefetch_chunk = [&](int64_t c, int64_t t) {
+      const int64_t b = (c - chunk_begin[t]) * chunk;
+      const int64_t bytes = std::min<int64_t>((std::min(b + chunk, a.numel[t]) - b) * kElem, kPrefetchBytes);
+      for (int r = 0; r < R; ++r) {
+        const char* q = static_cast<const char*>(a.ptr(r, t)) + b * kElem;
+        for (int64_t o = 0; o < bytes; o += 64) {
+          if (kLocality == 3) __builtin_prefetch(q + o, 0, 3); else if (kLocality == 2) __builtin_prefetch(q + o, 0, 2); else __builtin_prefetch(q + o, 0, 1);
+        }
+      }
+    };
     at::parallel_for(0, nchunks, chunk_grain(nchunks, total_elems * kElem * R), [&](int64_t cb, int64_t ce) {
       int64_t t = std::upper_bound(chunk_begin.begin(), chunk_begin.end(), cb) - chunk_begin.begin() - 1;
       int64_t tp = t;  // the tensor of chunk c + kAhead, prefetched
+      // Many small tensors are scattered in memory: fetch a later chunk's first cache lines of
+      // every role while this one computes (no effect on results).
+      for (int64_t c = cb; c < std::min(ce, cb + kAhead); ++c) {
+        while (chunk_begin[tp + 1] <= c) ++tp;
+        prefetch_chunk(c, tp);
+      }
       for (int64_t c = cb; c < ce; ++c) {
         while (chunk_begin[t + 1] <= c) ++t;
         if (c + kAhead < ce) {
-          // Many small tensors are scattered in memory: fetch a later chunk's first cache lines
-          // of every role while this one computes (no effect on results).
           while (chunk_begin[tp + 1] <= c + kAhead) ++tp;
-          const int64_t b = (c + kAhead - chunk_begin[tp]) * chunk;
-          const int64_t bytes = std::min<int64_t>((std::min(b + chunk, a.numel[tp]) - b) * kElem, kPrefetchBytes);
-          for (int r = 0; r < R; ++r) {
-            const char* q = static_cast<const char*>(a.ptr(r, tp)) + b * kElem;
-            for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o);
-          }
+          prefetch_chunk(c + kAhead, tp);
         }
         T* ptr[R];
         for (int r = 0; r < R; ++r) ptr[r] = static_cast<T*>(a.ptr(r, t));
         const int64_t begin = (c - chunk_begin[t]) * chunk;
         const int64_t end = std::min(begin + chunk, a.numel[t]);
-        update_chunk(op, ptr, ts[t], begin, end);
+        update(op, ptr, ts[t], begin, end);
         if (fingerprint) {
           // The chunk was just written: hashing it now reads cache, not memory.
           for (int r = 0; r < R; ++r) {
+            uint64_t& s0 = partial[(c * R + r) * 2];
+            uint64_t& s1 = partial[(c * R + r) * 2 + 1];
+            s0 = s1 = 0;
             msfp1_accumulate(reinterpret_cast<const unsigned char*>(ptr[r] + begin),
                              static_cast<uint64_t>((end - begin) * kElem),
-                             static_cast<uint64_t>(begin * kElem / msfp1::kPairBytes),
-                             partial[(c * R + r) * 2], partial[(c * R + r) * 2 + 1]);
+                             static_cast<uint64_t>(begin * kElem / msfp1::kPairBytes), s0, s1);
           }
         }
       }
     });
     if (!fingerprint) return no_fingerprints();
-    at::Tensor out = at::zeros({n, R, 2}, at::kLong);
+    at::Tensor out = at::empty({n, R, 2}, at::kLong);
     auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
     for (int64_t i = 0; i < n; ++i) {
       const auto nbytes = static_cast<uint64_t>(a.numel[i] * kElem);

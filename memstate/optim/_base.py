@@ -281,10 +281,43 @@ class _StateDict(defaultdict):
         return _StateDict(self)
 
 
+class _ParamList(list):
+    """``group["params"]`` of memstate's fused optimizers: a plain list that counts its own
+    in-place edits (``_edits``), so a cached step plan knows the list still holds the same
+    parameters by comparing one number instead of every element. Copies and pickles are plain
+    lists. (Editing through ``list.__setitem__`` and the like directly bypasses the count; don't.)"""
+
+    __slots__ = ("_edits",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._edits = 0
+
+    def __reduce__(self):
+        return list, (list(self),)
+
+
+def _counted(name):
+    method = getattr(list, name)
+
+    def edit(self, *args, **kwargs):
+        self._edits += 1
+        return method(self, *args, **kwargs)
+
+    edit.__name__ = name
+    return edit
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop",
+              "remove", "clear", "sort", "reverse"):
+    setattr(_ParamList, _name, _counted(_name))
+del _name
+
+
 class _StepPlan:
     """A cached step (see ``FusedOptimizer._build_plan``): the native ``StepPlan`` and what the
-    per-step Python check compares (the state dict and its version, each group's parameters and
-    kernel roles), plus the buckets' parameters and roles for the fingerprint rows."""
+    per-step Python check compares (the state dict and its version; per group its parameters,
+    kernel roles, and its live ``params`` list with that list's edit count), plus the buckets' parameters and roles for the fingerprint rows."""
 
     __slots__ = ("native", "state", "version", "groups", "buckets", "stepped", "watch", "counted")
 
@@ -367,6 +400,9 @@ class FusedOptimizer(Optimizer):
         self._fp_versions = []
         if not isinstance(self.state, _StateDict):  # load_state_dict, unpickling, deepcopy
             self.state = _StateDict(self.state)
+        for group in self.param_groups:  # unpickled, deep-copied: plain lists
+            if type(group.get("params")) is list:
+                group["params"] = _ParamList(group["params"])
 
     def state_dict(self):
         """torch.optim's state_dict, with every parameter's state as a plain dict (the live
@@ -378,6 +414,8 @@ class FusedOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["params"] = _ParamList(group["params"])
         self._plan = None
 
     # ------------------------------------------------------------------------------ helpers
@@ -593,9 +631,10 @@ class FusedOptimizer(Optimizer):
         sizes, gidx, nstates, absent = [], [], [], []
         try:
             for gi, group in enumerate(self.param_groups):
-                plist = list(group["params"])
+                live = group["params"]
+                plist = list(live)
                 roles = self._roles(group)
-                groups.append((plist, roles))
+                groups.append((plist, roles, live, getattr(live, "_edits", None)))
                 with_grad = []
                 for p in plist:
                     g = p.grad
@@ -631,10 +670,11 @@ class FusedOptimizer(Optimizer):
     def _planned_step(self) -> bool:
         """Runs the step from the cached plan and returns True, or returns False with nothing
         modified; the full path then checks (raising the error naming the offender), steps and
-        rebuilds the plan. Python checks what only Python sees, in O(groups) plus one C-level
-        identity pass over each group's parameter list: the state version (any state dict
-        mutation), each group's parameters and kernel roles, its hyperparameters. The native
-        plan checks the rest per tensor (gradients, storage of every held tensor)."""
+        rebuilds the plan. Python checks what only Python sees, in O(groups): the state version
+        (any state dict mutation), each group's parameter list (the same ``_ParamList`` with
+        the same edit count; a list of another type is compared element by element, by
+        identity), its kernel roles and hyperparameters. The native plan checks the rest per
+        tensor (gradients, storage of every held tensor)."""
         plan = self._plan
         if plan is None:
             return False
@@ -643,9 +683,14 @@ class FusedOptimizer(Optimizer):
             return False
         scalars: List[float] = []
         try:
-            for gi, (group, (saved, roles)) in enumerate(zip(self.param_groups, plan.groups)):
+            for gi, (group, (saved, roles, live, edits)) in enumerate(zip(self.param_groups, plan.groups)):
                 plist = group["params"]
-                if len(plist) != len(saved) or not all(map(operator.is_, plist, saved)) or self._roles(group) != roles:
+                # the same _ParamList, not edited since: the same parameters (O(1)); any other
+                # list is compared element by element
+                if not (plist is live and edits is not None and plist._edits == edits) and (
+                        len(plist) != len(saved) or not all(map(operator.is_, plist, saved))):
+                    return False
+                if self._roles(group) != roles:
                     return False
                 self._check_group(gi, group)
                 scalars += self._plan_scalars(group)
