@@ -2,12 +2,14 @@
 appearing or disappearing, hyperparameters, param groups, state replaced or cleared,
 load_state_dict, Snapshot.restore) gives exactly the result of an uncached step."""
 import copy
+import pickle
 
 import pytest
 import torch
 
 import memstate
 import memstate.optim as mo
+from memstate.optim._base import _ParamList
 
 SHAPES = [(7,), (3, 5), (16,), (2, 2, 3)]
 
@@ -622,6 +624,82 @@ def test_state_versioning_counts_mutations():
         mutate()
         assert cell[0] > v
         v = cell[0]
+
+
+def test_param_list_counts_edits_and_copies_as_plain_lists():
+    """group["params"] is an edit-counted list (the plan's O(1) per-group check): every in-place
+    edit moves the count; copies and pickles are plain lists, re-wrapped on load."""
+    ap, a, *_ = opt_pair("adamw")
+    plist = a.param_groups[0]["params"]
+    assert type(plist) is _ParamList and plist == ap
+    extra = torch.zeros(2, requires_grad=True)
+    edits = [lambda: plist.append(extra), lambda: plist.pop(), lambda: plist.insert(0, extra),
+             lambda: plist.remove(extra), lambda: plist.extend([extra]), lambda: plist.__delitem__(-1),
+             lambda: plist.__setitem__(0, plist[0]), lambda: plist.__setitem__(slice(0, 1), plist[:1]),
+             lambda: plist.reverse(), lambda: plist.sort(key=lambda t: t.numel(), reverse=True),
+             lambda: plist.__iadd__([]), lambda: plist.__imul__(1)]
+    for edit in edits:
+        before = plist._edits
+        edit()
+        assert plist._edits == before + 1
+    assert type(pickle.loads(pickle.dumps(plist))) is list
+    assert type(copy.copy(plist)) is list
+    c = copy.deepcopy(a)
+    assert type(c.param_groups[0]["params"]) is _ParamList
+    a.add_param_group({"params": [extra]})
+    assert type(a.param_groups[1]["params"]) is _ParamList
+    a.load_state_dict(a.state_dict())
+    assert a.param_groups[0]["params"] is plist
+
+
+@pytest.mark.parametrize("how", ["sort", "reverse", "setitem", "plain list", "same plain list"])
+def test_param_list_edits_rebuild_the_plan(how):
+    """Reordering the list in place rebuilds the plan; after an edit that leaves the same
+    parameters (an element set to itself), or with the params replaced by a plain list, the
+    list is compared element by element and the plan is reused; the new edit count is kept
+    (the next step checks it in O(1) again)."""
+    ap, a, ca, bp, b, _ = opt_pair("adamw")
+    warm(ap, a, ca, bp, b)
+    for ps, o in ((ap, a), (bp, b)):
+        g = o.param_groups[0]
+        if how == "sort":
+            g["params"].sort(key=lambda t: -t.numel())
+        elif how == "reverse":
+            g["params"].reverse()
+        elif how == "setitem":
+            g["params"][1] = g["params"][1]
+        else:
+            g["params"] = list(g["params"])
+    step_both(ap, a, bp, b, 2)
+    assert ca.hits == (1 if how in ("sort", "reverse") else 2)
+    saved = a._plan.groups[0]
+    assert saved[2] is a.param_groups[0]["params"] and saved[3] == getattr(saved[2], "_edits", None)
+    if how == "same plain list":  # in-place edits of a plain list are seen element by element
+        for o in (a, b):
+            o.param_groups[0]["params"].reverse()
+        step_both(ap, a, bp, b, 3)
+        assert ca.hits == 2
+    step_both(ap, a, bp, b, 4)
+    step_both(ap, a, bp, b, 5)
+    assert_same_all(ap, a, bp, b)
+
+
+@pytest.mark.parametrize("name", OPTS)
+def test_copy_on_write_clone_of_a_planned_tensor(name):
+    """torch._lazy_clone shares a parameter's or state buffer's memory copy-on-write (same data
+    pointer, another deleter): the plan must not write through it, the clone keeps its values."""
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    key = a._roles(a.param_groups[0])[2] if len(a._roles(a.param_groups[0])) > 2 else None
+    clones = [torch._lazy_clone(ap[0].detach())]
+    if key is not None:
+        clones.append(torch._lazy_clone(a.state[ap[1]][key]))
+    kept = [c.clone() for c in clones]
+    step_both(ap, a, bp, b, 2)
+    assert all(torch.equal(c, k) for c, k in zip(clones, kept))
+    step_both(ap, a, bp, b, 3)
+    assert ca.hits == 2  # the step after the clone took the full path (which materialises), then planned
+    assert_same_all(ap, a, bp, b)
 
 
 @pytest.mark.cuda

@@ -634,7 +634,7 @@ class FusedOptimizer(Optimizer):
                 live = group["params"]
                 plist = list(live)
                 roles = self._roles(group)
-                groups.append((plist, roles, live, getattr(live, "_edits", None)))
+                groups.append([plist, roles, live, getattr(live, "_edits", None)])
                 with_grad = []
                 for p in plist:
                     g = p.grad
@@ -683,14 +683,15 @@ class FusedOptimizer(Optimizer):
             return False
         scalars: List[float] = []
         try:
-            for gi, (group, (saved, roles, live, edits)) in enumerate(zip(self.param_groups, plan.groups)):
+            for gi, (group, saved) in enumerate(zip(self.param_groups, plan.groups)):
                 plist = group["params"]
-                # the same _ParamList, not edited since: the same parameters (O(1)); any other
-                # list is compared element by element
-                if not (plist is live and edits is not None and plist._edits == edits) and (
-                        len(plist) != len(saved) or not all(map(operator.is_, plist, saved))):
-                    return False
-                if self._roles(group) != roles:
+                # the same _ParamList, not edited since: the same parameters (O(1)); otherwise
+                # compared element by element (and, if the same, the new edit count is kept)
+                if not (plist is saved[2] and type(plist) is _ParamList and plist._edits == saved[3]):
+                    if len(plist) != len(saved[0]) or not all(map(operator.is_, plist, saved[0])):
+                        return False
+                    saved[2], saved[3] = plist, getattr(plist, "_edits", None)
+                if self._roles(group) != saved[1]:
                     return False
                 self._check_group(gi, group)
                 scalars += self._plan_scalars(group)
