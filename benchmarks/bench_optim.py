@@ -16,6 +16,7 @@ tensor of the many-tensor case and its ratio to the few-tensor case. Target (Ada
 (host overhead <= 1 us per tensor), fingerprint off and on.
 
     python benchmarks/bench_optim.py [--device cpu|cuda|all] [--quick] [--stat median|min] [--json out.json]
+                                     [--host-only]   (only the host-overhead section)
 """
 from __future__ import annotations
 
@@ -219,6 +220,9 @@ def host_overhead(device: str, rounds: int, stat: str = "median"):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    host_only = "--host-only" in argv
+    argv = [a for a in argv if a != "--host-only"]
     args = _timing.parse_args(__doc__, default_rounds=7, argv=argv)
     rows = []
     over = []
@@ -229,7 +233,9 @@ def main(argv=None):
         f"{'dev':4} {'1M params, 1 thread':27} {'100x10k ms':>10} {'10kx100 ms':>10} {'us/tensor':>9} {'ratio':>6}",
         lambda r: (f"{r['device']:4} {r['case']:27} {r['ms_100']:>10.3f} {r['ms_10000']:>10.3f} "
                    f"{r['us_per_tensor']:>9.3f} {r['ratio']:>6.2f}"),
-        None)
+        args.json if host_only else None)
+    if host_only:
+        return
     print()
     for dev in args.devices:
         rows += bench(dev, args.quick, args.rounds, args.stat)

@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <iterator>
 #include <string>
@@ -425,7 +424,7 @@ class StepPlan : public torch::CustomClassHolder {
   // the gradient's StorageImpl. Their cache misses overlap instead of queueing.
   template <bool kRecord>
   static bool ready(PlanBucket& b) {
-    static const int64_t kAhead = std::getenv("MS_RAHEAD") ? std::atoll(std::getenv("MS_RAHEAD")) : 16;  // TEMPORARY
+    constexpr int64_t kAhead = 8;
     const int64_t n = b.args.n;
     const int64_t k = b.nheld;
     const bool counted = !b.steps.empty();
@@ -437,7 +436,7 @@ class StepPlan : public torch::CustomClassHolder {
         prefetch_storage(h.storage);
       }
       if (counted) __builtin_prefetch(b.held[static_cast<size_t>(i * k + k - 1)].data);
-      __builtin_prefetch(reinterpret_cast<const char*>(b.pinfo[i].meta) + offsetof(torch::autograd::AutogradMeta, grad_));
+      __builtin_prefetch(&b.pinfo[i].meta->grad_);  // an address computation only: no load
     };
     // the gradient as the parameter's live autograd meta has it (the build-time meta only if
     // it is still the parameter's: a replaced one may be freed)

@@ -9,7 +9,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -84,18 +83,12 @@ UpdateFn<Op> update_fn() {
   return &update_range_default<Op>;
 }
 
-inline int64_t tune_env(const char* name, int64_t dflt) {  // TEMPORARY tuning knob
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : dflt;
-}
-
 struct CpuRunner {
   template <class Op>
   static at::Tensor run(const Op& op, const OptimArgs& a,
                         const std::vector<optim::TensorScalars<typename Op::M>>& ts, bool fingerprint) {
-    static const int64_t kAhead = tune_env("MS_AHEAD", 2);            // chunks
-    static const int64_t kPrefetchBytes = tune_env("MS_PFB", 512);  // per role
-    static const int kLocality = static_cast<int>(tune_env("MS_LOC", 3));
+    constexpr int64_t kAhead = 2;            // chunks
+    constexpr int64_t kPrefetchBytes = 512;  // per role
     using T = typename Op::storage_t;
     constexpr int R = Op::kRoles;
     constexpr int64_t kElem = sizeof(T);
@@ -116,9 +109,7 @@ struct CpuRunner {
       const int64_t bytes = std::min<int64_t>((std::min(b + chunk, a.numel[t]) - b) * kElem, kPrefetchBytes);
       for (int r = 0; r < R; ++r) {
         const char* q = static_cast<const char*>(a.ptr(r, t)) + b * kElem;
-        for (int64_t o = 0; o < bytes; o += 64) {
-          if (kLocality == 3) __builtin_prefetch(q + o, 0, 3); else if (kLocality == 2) __builtin_prefetch(q + o, 0, 2); else __builtin_prefetch(q + o, 0, 1);
-        }
+        for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(q + o);
       }
     };
     at::parallel_for(0, nchunks, chunk_grain(nchunks, total_elems * kElem * R), [&](int64_t cb, int64_t ce) {
