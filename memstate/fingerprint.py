@@ -8,6 +8,8 @@ named tensor of a module, optimizer or dict to its fingerprint and digests the s
 from __future__ import annotations
 
 import struct
+from collections import deque
+from itertools import repeat
 from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
@@ -98,6 +100,13 @@ def _from_pair(lanes: Tuple[int, int]) -> Fingerprint:
     return fp
 
 
+def _from_pairs(pairs: List[Tuple[int, int]]) -> List[Fingerprint]:
+    """[_from_pair(p) for p in pairs] without a Python frame per item (both maps run in C)."""
+    fps = list(map(_new, repeat(Fingerprint, len(pairs))))
+    deque(map(_set_lanes, fps, pairs), maxlen=0)
+    return fps
+
+
 def _check_tensor(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -142,7 +151,7 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
         return []
     rows = _one_call_rows(tensors) if names is None or len(names) == len(tensors) else None
     if rows is not None:
-        return list(map(_from_pair, _lanes_from_rows(rows)))
+        return _from_pairs(_lanes_from_rows(rows))
     names = names if names is not None else [f"tensors[{i}]" for i in range(len(tensors))]
     checked = [_check_tensor(t, n) for t, n in zip(tensors, names)]
     out: List[Fingerprint] = [None] * len(checked)  # type: ignore[list-item]
