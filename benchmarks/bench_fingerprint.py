@@ -4,7 +4,8 @@ For each device and size: GB/s of memstate.fingerprint, of torch's sum over the 
 (the read anchor), and their ratio; also the multi-tensor path (many tensors, one call). CPU
 cases are run for every ISA the CPU kernels support. Targets (issue 2): ratio >= 0.7 on CPU,
 >= 0.8 on an H200. `of x1` (issue 12): bandwidth of the ~1000-tensor call over the single-tensor
-call of the same bytes, target >= 0.8.
+call of the same bytes, target >= 0.8. The last lines give the serial host cost per tensor that
+the many-tensor call pays (best of the rounds).
 
     python benchmarks/bench_fingerprint.py [--device cpu|cuda|all] [--json out.json] [--quick]
 """
@@ -72,6 +73,20 @@ def main(argv=None):
         lambda r: (f"{r['device']:6} {r['isa']:6} {r['MB']:>5}  {r['case']:26} {r['GB/s']:>8.2f} "
                    f"{r['read GB/s']:>10.2f} {r['ratio']:>6.3f} {r['of_x1']:>6.3f}"),
         args.json)
+    for dev in args.devices:
+        host = host_cost(dev, rounds=args.rounds)
+        print(f"{dev} host cost per tensor (1,000 one-element tensors): "
+              + ", ".join(f"{k} {v:.3f} us" for k, v in host.items()))
+
+
+def host_cost(device: str, rounds: int, n: int = 1000):
+    """Microseconds per tensor of a call over n one-element tensors: the serial per-tensor cost
+    that `of x1` pays on top of the data work (the raw op, and the Python wrapper around it)."""
+    ops = _ext.ops()
+    tiny = list(torch.randn(n, device=device).split(1))
+    cases = {"op": lambda: ops.fingerprint(tiny), "fingerprint_many": lambda: memstate.fingerprint_many(tiny)}
+    t = _timing.interleaved(cases, device, rounds=max(rounds, 5), inner=10, stat="min")
+    return {k: v / n * 1e6 for k, v in t.items()}
 
 
 if __name__ == "__main__":

@@ -226,6 +226,29 @@ at::Tensor norm_sums_fallback(at::TensorList tensors, double p) {
   return at::zeros({1}, at::kDouble);
 }
 
+// Autograd kernel of the read-only fingerprint ops (their int64 outputs are never
+// differentiable): runs the op below autograd, as torch's boxed fallback does, without the
+// fallback's requires_grad scan of every input. It also keeps the tensor list (argument 0) until
+// the op has run: the device kernel, under a torch.ops call from Python, runs with the GIL
+// released, and dropping there the last C++ reference to a Python tensor takes and drops the GIL
+// once per tensor (most of the host cost of a call over ~1,000 small tensors). Here the list's
+// references go under one GIL acquisition, only when some tensor has a Python object.
+void fingerprint_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
+  c10::IValue tensors = (*stack)[stack->size() - op.schema().arguments().size()];
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  const auto refs = tensors.toListRef();
+  const bool python = std::any_of(refs.begin(), refs.end(), [](const c10::IValue& v) {
+    return v.toTensor().unsafeGetTensorImpl()->pyobj_slot()->load_pyobj() != nullptr;
+  });
+  if (python && Py_IsInitialized()) {
+    pybind11::gil_scoped_acquire gil;
+    tensors = c10::IValue();
+  }
+}
+
 }  // namespace
 }  // namespace memstate
 
@@ -242,6 +265,12 @@ TORCH_LIBRARY_IMPL(memstate, CompositeExplicitAutograd, m) {
   m.impl("increment_steps", &memstate::increment_steps_fallback);
   m.impl("norm_sums", &memstate::norm_sums_fallback);
   m.impl("lamb_step", &memstate::lamb_step_fallback);
+}
+
+// Read-only fingerprint ops: no autograd fallback (see fingerprint_autograd).
+TORCH_LIBRARY_IMPL(memstate, Autograd, m) {
+  m.impl("fingerprint", torch::CppFunction::makeFromBoxedFunction<&memstate::fingerprint_autograd>());
+  m.impl("fingerprint_sums", torch::CppFunction::makeFromBoxedFunction<&memstate::fingerprint_autograd>());
 }
 
 namespace {

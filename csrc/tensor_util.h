@@ -158,7 +158,7 @@ inline std::vector<uint64_t> checked_first_pairs(at::IntArrayRef first_pairs, si
 // destination or any source, except that dst[i] may be exactly src[i]'s memory (an in-place
 // copy, as torch's copy_ allows). `src` are the contiguous views actually read. Errors name
 // the argument and index.
-inline std::vector<unsigned char*> checked_copy_targets(const std::vector<at::Tensor>& src,
+inline std::vector<unsigned char*> checked_copy_targets(at::TensorList src,
                                                         at::TensorList dst, const char* op) {
   TORCH_CHECK(dst.size() == src.size(), "memstate.", op, ": ", src.size(), " sources but ",
               dst.size(), " destinations");

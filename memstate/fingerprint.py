@@ -8,8 +8,11 @@ named tensor of a module, optimizer or dict to its fingerprint and digests the s
 from __future__ import annotations
 
 import struct
+from collections import deque
+from itertools import repeat
 from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from memstate import _ext
@@ -50,8 +53,8 @@ class Fingerprint:
     @classmethod
     def _from_lanes(cls, lane0: int, lane1: int) -> "Fingerprint":
         """Trusted constructor for lanes already known to be in [0, 2^64) (hot paths)."""
-        fp = object.__new__(cls)
-        object.__setattr__(fp, "_lanes", (lane0, lane1))
+        fp = _new(cls)
+        _set_lanes(fp, (lane0, lane1))
         return fp
 
     @classmethod
@@ -87,6 +90,23 @@ class Fingerprint:
     __str__ = hex
 
 
+_new = object.__new__
+_set_lanes = Fingerprint.__dict__["_lanes"].__set__  # the slot's own setter: skips __setattr__
+
+
+def _from_pair(lanes: Tuple[int, int]) -> Fingerprint:
+    fp = _new(Fingerprint)
+    _set_lanes(fp, lanes)
+    return fp
+
+
+def _from_pairs(pairs: List[Tuple[int, int]]) -> List[Fingerprint]:
+    """[_from_pair(p) for p in pairs] without a Python frame per item (both maps run in C)."""
+    fps = list(map(_new, repeat(Fingerprint, len(pairs))))
+    deque(map(_set_lanes, fps, pairs), maxlen=0)
+    return fps
+
+
 def _check_tensor(t, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -103,22 +123,45 @@ def _check_tensor(t, name: str) -> torch.Tensor:
 
 def _lanes_from_rows(rows: torch.Tensor) -> List[Tuple[int, int]]:
     """int64 [N, 2] rows of uint64 bit patterns -> [(lane0, lane1)]."""
-    return [(a & _M64, b & _M64) for a, b in rows.cpu().tolist()]
+    lanes = rows.cpu().numpy().view(np.uint64)
+    return list(zip(lanes[:, 0].tolist(), lanes[:, 1].tolist()))
+
+
+def _one_call_rows(tensors: List[torch.Tensor]):
+    """The rows of one native call over all of ``tensors``, or None where that call refuses them
+    (a tensor fingerprint_many rejects, several devices, not a tensor) or answers for meta
+    tensors (their fake): the checked path then names the offender or splits the call by device.
+    Per tensor this costs only the op's own argument handling, the bulk of a call over many
+    small tensors."""
+    try:
+        rows = _ext.ops().fingerprint(tensors)
+    except (RuntimeError, TypeError):
+        return None
+    return None if rows.is_meta else rows
 
 
 def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = None) -> List[Fingerprint]:
-    """Fingerprints of many tensors, one native pass per device (a single sync per device)."""
-    names = list(names) if names is not None else [f"tensors[{i}]" for i in range(len(tensors))]
+    """Fingerprints of many tensors, one native pass per device (a single sync per device).
+
+    ``names`` (default ``tensors[i]``) only name the offending tensor in errors.
+    """
+    tensors = list(tensors)
+    names = list(names) if names is not None else None
+    if not tensors:
+        return []
+    rows = _one_call_rows(tensors) if names is None or len(names) == len(tensors) else None
+    if rows is not None:
+        return _from_pairs(_lanes_from_rows(rows))
+    names = names if names is not None else [f"tensors[{i}]" for i in range(len(tensors))]
     checked = [_check_tensor(t, n) for t, n in zip(tensors, names)]
     out: List[Fingerprint] = [None] * len(checked)  # type: ignore[list-item]
     by_device: Dict[torch.device, List[int]] = {}
     for i, t in enumerate(checked):
         by_device.setdefault(t.device, []).append(i)
-    ops = _ext.ops() if checked else None
     for idxs in by_device.values():
-        rows = ops.fingerprint([checked[i] for i in idxs])
+        rows = _ext.ops().fingerprint([checked[i] for i in idxs])
         for i, lanes in zip(idxs, _lanes_from_rows(rows)):
-            out[i] = Fingerprint._from_lanes(*lanes)
+            out[i] = _from_pair(lanes)
     return out
 
 

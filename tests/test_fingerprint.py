@@ -1,4 +1,9 @@
 """msfp1: native (CPU, CUDA) == numpy reference, sensitivity, sharding, state fingerprints."""
+import gc
+import sys
+import threading
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -393,3 +398,70 @@ def test_one_call_mixing_dense_tensors_and_lazy_views():
     assert lazy[0].is_conj() and lazy[1].is_neg() and not lazy[2].is_contiguous()
     for ts in ([x, z, x[3:7]] + lazy, lazy + [x, z], [x, lazy[1]]):
         assert memstate.fingerprint_many(ts) == [ref_fp(t.resolve_conj().resolve_neg().contiguous()) for t in ts]
+
+
+def test_fingerprint_ops_release_every_reference_to_their_inputs():
+    # the ops' Autograd kernel holds the tensor list until the op has run and drops it under one
+    # GIL acquisition: no reference may stay behind (a leak) or be dropped twice (a freed tensor)
+    ops = _ext.ops()
+    ts = [torch.randn(3) for _ in range(40)] + [torch.randn(4, requires_grad=True), torch.nn.Parameter(torch.ones(2))]
+    ts += list(torch.randn(64).split(8))  # views
+    before = [sys.getrefcount(t) for t in ts]
+    expected = [ref_fp(t.detach()) for t in ts]
+    for _ in range(3):
+        rows = ops.fingerprint(ts)
+        assert not rows.requires_grad and rows.grad_fn is None
+        ops.fingerprint_sums(ts, [])
+        assert memstate.fingerprint_many(ts) == expected
+    assert [sys.getrefcount(t) for t in ts] == before
+    refs = [weakref.ref(t) for t in ts]
+    del ts, rows
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_fingerprint_many_from_several_threads():
+    # every call releases its list's Python references under the GIL from a thread that had
+    # dropped it: concurrent callers must neither deadlock nor mix up results
+    gen = torch.Generator().manual_seed(5)
+    lists = [[torch.randn(int(n), generator=gen) for n in torch.randint(1, 300, (200,), generator=gen)]
+             for _ in range(4)]
+    expected = [[ref_fp(t) for t in ts] for ts in lists]
+    results, errors = {}, []
+
+    def run(k):
+        try:
+            results[k] = all(memstate.fingerprint_many(lists[k]) == expected[k] for _ in range(20))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads), "fingerprint_many deadlocked across threads"
+    assert errors == [] and results == {k: True for k in range(4)}
+
+
+def test_fingerprint_many_names_the_offender_in_a_long_list():
+    # one native call serves a valid list; a refused one falls back to the per-tensor checks
+    ts = [torch.ones(3)] * 700 + ["not a tensor"] + [torch.ones(3)] * 10
+    with pytest.raises(TypeError, match=r"tensors\[700\]: expected a torch.Tensor, got str"):
+        memstate.fingerprint_many(ts)
+    ts[700] = torch.empty(2, device="meta")
+    with pytest.raises(TypeError, match=r"tensors\[700\]: meta tensors"):
+        memstate.fingerprint_many(ts)
+    assert memstate.fingerprint_many([]) == []
+    assert memstate.fingerprint_many(iter([torch.ones(3), torch.zeros(2)]), iter(["a", "b"])) == \
+        [ref_fp(torch.ones(3)), ref_fp(torch.zeros(2))]
+
+
+def test_opcheck_fingerprint_ops_with_inputs_requiring_grad():
+    from torch.library import opcheck
+
+    ops = _ext.ops()
+    ts = [torch.randn(3, requires_grad=True), torch.randn(2, 5), torch.arange(7, dtype=torch.int16)]
+    for op, args in ((ops.fingerprint.default, (ts,)), (ops.fingerprint_sums.default, (ts, [0, 5, 9]))):
+        result = opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, result

@@ -21,60 +21,74 @@ namespace {
 
 int64_t g_chunk_bytes = int64_t{1} << 19;  // 512 KiB per work item
 
-// contiguous_bytes_views, without its two dispatcher calls (resolve_conj, resolve_neg) per
-// tensor when every tensor already is dense bytes, the common case: in a call over ~1,000 small
-// tensors they were a large part of the per-tensor host cost. Callers have run common_device
-// (layout and device checked); the bytes read are the same either way.
-std::vector<at::Tensor> bytes_views(at::TensorList tensors, const char* op, const c10::Device& device,
-                                    const char* name = "tensors") {
-  for (const at::Tensor& t : tensors) {
-    if (!t.is_contiguous() || t.is_conj() || t.is_neg()) return contiguous_bytes_views(tensors, op, device, name);
-  }
-  return tensors.vec();
-}
+// The bytes an op reads, one pass over the tensors: pointer and byte count of each. When every
+// tensor already is dense bytes (contiguous, no lazy conjugate or negation: the common case)
+// they are read in place, without contiguous_bytes_views' two dispatcher calls (resolve_conj,
+// resolve_neg) and tensor handle copy per tensor: in a call over ~1,000 small tensors those were
+// a large part of the per-tensor host cost. Otherwise `owned` holds the materialised views and
+// the pointers are theirs. Callers have run common_device (layout and device checked).
+struct SourceBytes {
+  std::vector<const unsigned char*> ptr;
+  std::vector<int64_t> nbytes;
+  std::vector<at::Tensor> owned;  // the materialised views, when some tensor was not dense bytes
 
-// Sums of every tensor as an int64 [N, 2] tensor holding the uint64 bit patterns. When `dst` is
-// given, each chunk of ts[i] is first copied to dst[i] and the copy is hashed while in cache:
-// a fused copy + fingerprint in one pass over memory.
-at::Tensor msfp1_sums(const std::vector<at::Tensor>& ts, const std::vector<uint64_t>& first_pairs,
-                      const std::vector<unsigned char*>* dst = nullptr, bool hash = true) {
-  const int64_t n = static_cast<int64_t>(ts.size());
-  std::vector<const unsigned char*> src(n);
-  std::vector<int64_t> nbytes(n);
-  for (int64_t i = 0; i < n; ++i) {
-    src[i] = static_cast<const unsigned char*>(ts[i].const_data_ptr());
-    nbytes[i] = nbytes_of(ts[i]);
+  SourceBytes(at::TensorList tensors, const char* op, const c10::Device& device, const char* name = "tensors")
+      : ptr(tensors.size()), nbytes(tensors.size()) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const at::Tensor& t = tensors[i];
+      if (!t.is_contiguous() || t.is_conj() || t.is_neg()) {
+        owned = contiguous_bytes_views(tensors, op, device, name);
+        fill(owned);
+        return;
+      }
+      ptr[i] = static_cast<const unsigned char*>(t.const_data_ptr());
+      nbytes[i] = nbytes_of(t);
+    }
   }
+
+  int64_t size() const { return static_cast<int64_t>(ptr.size()); }
+
+  // The tensors read: `tensors` itself or the materialised views.
+  at::TensorList read(at::TensorList tensors) const { return owned.empty() ? tensors : at::TensorList(owned); }
+
+ private:
+  void fill(at::TensorList ts) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      ptr[i] = static_cast<const unsigned char*>(ts[i].const_data_ptr());
+      nbytes[i] = nbytes_of(ts[i]);
+    }
+  }
+};
+
+// Sums of every source as an int64 [N, 2] tensor holding the uint64 bit patterns (finalised when
+// `finalize`). When `dst` is given, each chunk of source i is first copied to dst[i] and the copy
+// is hashed while in cache: a fused copy + fingerprint in one pass over memory; `hash` false
+// copies only (the rows stay zero).
+at::Tensor msfp1_rows(const SourceBytes& src, const uint64_t* first_pairs, bool finalize,
+                      const std::vector<unsigned char*>* dst = nullptr, bool hash = true) {
+  const int64_t n = src.size();
   const int64_t chunk = g_chunk_bytes;
   std::vector<int64_t> chunk_begin;
-  msfp1_chunk_table(nbytes.data(), n, chunk, chunk_begin);
+  msfp1_chunk_table(src.nbytes.data(), n, chunk, chunk_begin);
   at::Tensor out = at::zeros({n, 2}, at::kLong);
-  msfp1_ranges(n, src.data(), dst != nullptr ? dst->data() : nullptr, nbytes.data(), first_pairs.data(),
-               chunk_begin.data(), chunk, hash ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr);
+  auto* rows = hash ? reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()) : nullptr;
+  msfp1_ranges(n, src.ptr.data(), dst != nullptr ? dst->data() : nullptr, src.nbytes.data(), first_pairs,
+               chunk_begin.data(), chunk, rows);
+  if (finalize && rows != nullptr) msfp1_finalize_rows(rows, src.nbytes.data(), n);
   return out;
 }
 
 at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pairs) {
   c10::Device device(c10::kCPU);
   common_device("fingerprint_sums", {{"tensors", tensors}}, device);
-  auto ts = bytes_views(tensors, "fingerprint_sums", device);
-  return msfp1_sums(ts, checked_first_pairs(first_pairs, ts.size(), "fingerprint_sums"));
-}
-
-void finalize_rows(at::Tensor& out, const std::vector<at::Tensor>& ts) {
-  std::vector<int64_t> nbytes(ts.size());
-  for (size_t i = 0; i < ts.size(); ++i) nbytes[i] = nbytes_of(ts[i]);
-  msfp1_finalize_rows(reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()), nbytes.data(),
-                      static_cast<int64_t>(ts.size()));
+  const SourceBytes src(tensors, "fingerprint_sums", device);
+  return msfp1_rows(src, checked_first_pairs(first_pairs, tensors.size(), "fingerprint_sums").data(), false);
 }
 
 at::Tensor fingerprint_cpu(at::TensorList tensors) {
   c10::Device device(c10::kCPU);
   common_device("fingerprint", {{"tensors", tensors}}, device);
-  auto ts = bytes_views(tensors, "fingerprint", device);
-  at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0));
-  finalize_rows(out, ts);
-  return out;
+  return msfp1_rows(SourceBytes(tensors, "fingerprint", device), nullptr, true);
 }
 
 at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fingerprint) {
@@ -82,12 +96,10 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
   common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device);
   TORCH_CHECK(dst.size() == src.size(), "memstate.copy_fingerprint: ", src.size(), " sources but ", dst.size(),
               " destinations");
-  auto ts = bytes_views(src, "copy_fingerprint", device, "src");
-  const auto dptr = checked_copy_targets(ts, dst, "copy_fingerprint");
-  at::Tensor out = msfp1_sums(ts, std::vector<uint64_t>(ts.size(), 0), &dptr, fingerprint);
-  if (!fingerprint) return at::empty({0}, at::kLong);
-  finalize_rows(out, ts);
-  return out;
+  const SourceBytes bytes(src, "copy_fingerprint", device, "src");
+  const auto dptr = checked_copy_targets(bytes.read(src), dst, "copy_fingerprint");
+  at::Tensor out = msfp1_rows(bytes, nullptr, true, &dptr, fingerprint);
+  return fingerprint ? out : at::empty({0}, at::kLong);
 }
 
 }  // namespace

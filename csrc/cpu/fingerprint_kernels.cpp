@@ -58,47 +58,18 @@ __attribute__((target("avx2"))) inline uint64_t hsum64(__m256i v) {
   return t[0] + t[1] + t[2] + t[3];
 }
 
-// 8 pairs (64 bytes) per iteration in two independent accumulator chains per lane.
-__attribute__((target("avx2"))) void accumulate_avx2(const unsigned char* data, uint64_t nbytes,
-                                                     uint64_t first_pair, uint64_t& s0,
-                                                     uint64_t& s1) {
-  using namespace msfp1;
-  const uint64_t groups = nbytes / 64;
-  const uint32_t P = static_cast<uint32_t>(first_pair);
-  __m256i k0a = lane_keys(P, kLane0UMul, kLane0UAdd, kLane0VMul, kLane0VAdd);
-  __m256i k0b = lane_keys(P + 4, kLane0UMul, kLane0UAdd, kLane0VMul, kLane0VAdd);
-  __m256i k1a = lane_keys(P, kLane1UMul, kLane1UAdd, kLane1VMul, kLane1VAdd);
-  __m256i k1b = lane_keys(P + 4, kLane1UMul, kLane1UAdd, kLane1VMul, kLane1VAdd);
-  const __m256i step0 = lane_stride(8, kLane0UMul, kLane0VMul);
-  const __m256i step1 = lane_stride(8, kLane1UMul, kLane1VMul);
-  __m256i a0a = _mm256_setzero_si256(), a0b = _mm256_setzero_si256();
-  __m256i a1a = _mm256_setzero_si256(), a1b = _mm256_setzero_si256();
-  for (uint64_t g = 0; g < groups; ++g) {
-    const unsigned char* q = data + g * 64;
-    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-    a0a = _mm256_add_epi64(a0a, nh_terms(wa, k0a));
-    a0b = _mm256_add_epi64(a0b, nh_terms(wb, k0b));
-    a1a = _mm256_add_epi64(a1a, nh_terms(wa, k1a));
-    a1b = _mm256_add_epi64(a1b, nh_terms(wb, k1b));
-    k0a = _mm256_add_epi32(k0a, step0);
-    k0b = _mm256_add_epi32(k0b, step0);
-    k1a = _mm256_add_epi32(k1a, step1);
-    k1b = _mm256_add_epi32(k1b, step1);
-  }
-  s0 += hsum64(_mm256_add_epi64(a0a, a0b));
-  s1 += hsum64(_mm256_add_epi64(a1a, a1b));
-  const uint64_t done = groups * 64;
-  accumulate_bytes(data + done, nbytes - done, first_pair + done / kPairBytes, s0, s1);
-}
+// What the AVX2 loop does with the words it loads besides hashing them: nothing, store them to
+// `dst` (a fused copy), or stream them there with non-temporal stores (dst 32-byte aligned),
+// which skip the read-for-ownership of the destination lines: large copies move 2 bytes per
+// byte, not 3.
+enum class Store { kNone, kStore, kStream };
 
-// accumulate_avx2 of the bytes at `src`, which are also stored to `dst` from the same registers:
-// one pass over memory. `stream`: non-temporal stores (dst must be 32-byte aligned), which skip
-// the read-for-ownership of the destination lines: large copies move 2 bytes per byte, not 3.
-template <bool kStream>
-__attribute__((target("avx2"))) void copy_accumulate_avx2(const unsigned char* src, unsigned char* dst,
-                                                          uint64_t nbytes, uint64_t first_pair, uint64_t& s0,
-                                                          uint64_t& s1) {
+// 8 pairs (64 bytes) per iteration in two independent accumulator chains per lane; with a store
+// policy, the bytes are also written to `dst` from the same registers: one pass over memory.
+template <Store kStore>
+__attribute__((target("avx2"))) void accumulate_avx2(const unsigned char* src, unsigned char* dst,
+                                                     uint64_t nbytes, uint64_t first_pair, uint64_t& s0,
+                                                     uint64_t& s1) {
   using namespace msfp1;
   const uint64_t groups = nbytes / 64;
   const uint32_t P = static_cast<uint32_t>(first_pair);
@@ -114,11 +85,12 @@ __attribute__((target("avx2"))) void copy_accumulate_avx2(const unsigned char* s
     const unsigned char* q = src + g * 64;
     const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
     const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
-    __m256i* to = reinterpret_cast<__m256i*>(dst + g * 64);
-    if (kStream) {
+    if constexpr (kStore == Store::kStream) {
+      __m256i* to = reinterpret_cast<__m256i*>(dst + g * 64);
       _mm256_stream_si256(to, wa);
       _mm256_stream_si256(to + 1, wb);
-    } else {
+    } else if constexpr (kStore == Store::kStore) {
+      __m256i* to = reinterpret_cast<__m256i*>(dst + g * 64);
       _mm256_storeu_si256(to, wa);
       _mm256_storeu_si256(to + 1, wb);
     }
@@ -131,12 +103,16 @@ __attribute__((target("avx2"))) void copy_accumulate_avx2(const unsigned char* s
     k1a = _mm256_add_epi32(k1a, step1);
     k1b = _mm256_add_epi32(k1b, step1);
   }
-  if (kStream) _mm_sfence();  // the streamed lines are visible before anyone reads dst
+  if constexpr (kStore == Store::kStream) _mm_sfence();  // streamed lines visible before dst is read
   s0 += hsum64(_mm256_add_epi64(a0a, a0b));
   s1 += hsum64(_mm256_add_epi64(a1a, a1b));
   const uint64_t done = groups * 64;
-  std::memcpy(dst + done, src + done, static_cast<size_t>(nbytes - done));
-  accumulate_bytes(dst + done, nbytes - done, first_pair + done / kPairBytes, s0, s1);
+  const unsigned char* tail = src + done;
+  if constexpr (kStore != Store::kNone) {
+    std::memcpy(dst + done, tail, static_cast<size_t>(nbytes - done));
+    tail = dst + done;
+  }
+  accumulate_bytes(tail, nbytes - done, first_pair + done / kPairBytes, s0, s1);
 }
 #endif
 
@@ -169,7 +145,7 @@ void msfp1_accumulate(const unsigned char* data, uint64_t nbytes, uint64_t first
                       uint64_t& s0, uint64_t& s1) {
 #if defined(MEMSTATE_X86)
   if (nbytes >= 64 && active_isa() == Isa::kAvx2) {  // (below 64 bytes the vector loop never runs)
-    accumulate_avx2(data, nbytes, first_pair, s0, s1);
+    accumulate_avx2<Store::kNone>(data, nullptr, nbytes, first_pair, s0, s1);
     return;
   }
 #endif
@@ -181,9 +157,9 @@ void msfp1_copy_accumulate(const unsigned char* src, unsigned char* dst, uint64_
 #if defined(MEMSTATE_X86)
   if (nbytes >= 64 && active_isa() == Isa::kAvx2) {
     if (stream && reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
-      copy_accumulate_avx2<true>(src, dst, nbytes, first_pair, s0, s1);
+      accumulate_avx2<Store::kStream>(src, dst, nbytes, first_pair, s0, s1);
     } else {
-      copy_accumulate_avx2<false>(src, dst, nbytes, first_pair, s0, s1);
+      accumulate_avx2<Store::kStore>(src, dst, nbytes, first_pair, s0, s1);
     }
     return;
   }
