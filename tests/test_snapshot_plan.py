@@ -497,6 +497,23 @@ def test_same_objects_compares_identity():
     assert not same([a], [a, a]) and not same([a, a], [a])
 
 
+def test_same_items_compares_dict_entries_and_list_items():
+    same = memstate._ext.load().same_items
+    a, b = torch.zeros(1), torch.zeros(1)
+    d, lst = {"w": a, "b": b}, [a, b]
+    keys, values = ["w", "b"], [a, b, a, b]
+    assert same([d, lst], keys, values)
+    assert same([d, lst], ["".join(["w"]), "b"], values)  # an equal str key, another object
+    assert not same([d, lst], keys, [a, b, b, a])  # list order
+    assert not same([{"w": a, "b": torch.zeros(1)}, lst], keys, values)  # a value replaced by an equal one
+    assert not same([{"b": b, "w": a}, lst], keys, [b, a, a, b])  # keys in another order
+    assert not same([{"w": a, "c": b}, lst], keys, values)  # a key renamed
+    assert not same([{a: 1}], [torch.zeros(1)], [1])  # non-str keys by identity only
+    assert not same([d], keys, values) and not same([d, lst, []], keys, values[:3])  # counts
+    assert not same([d, lst + [a]], keys, values)  # a list grew
+    assert not same([(a, b)], [], [a, b])  # only dicts and lists
+
+
 def test_buffer_resized_in_place_after_capture():
     """The snapshot's slot holds 8 floats; the live buffer now holds 100: restore refuses
     (nothing written) and recapture rebuilds the plan for the new size."""

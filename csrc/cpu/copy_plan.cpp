@@ -180,6 +180,46 @@ std::optional<at::Tensor> CopyPlan::restore() {
   return rows;
 }
 
+// (pybind11's namespace is hidden, CopyPlan is not: GCC warns about the class_ of a visible type)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wattributes"
+
+namespace {
+
+// Whether the items of `containers` (dicts: their keys and values; lists: their items), in
+// order, are the objects of `keys` and `values` (keys: the same object or an equal str; values:
+// the same object). Reads each dict's entry table and list's item array and the two flat lists,
+// never the objects themselves (no reference counts touched: no cache miss per object).
+bool same_items(const pybind11::list& containers, const pybind11::list& keys, const pybind11::list& values) {
+  PyObject* ks = keys.ptr();
+  PyObject* vs = values.ptr();
+  const Py_ssize_t nk = PyList_GET_SIZE(ks), nv = PyList_GET_SIZE(vs);
+  Py_ssize_t ik = 0, iv = 0;
+  for (Py_ssize_t c = 0; c < PyList_GET_SIZE(containers.ptr()); ++c) {
+    PyObject* obj = PyList_GET_ITEM(containers.ptr(), c);
+    if (PyDict_Check(obj)) {
+      Py_ssize_t pos = 0;
+      PyObject *k = nullptr, *v = nullptr;
+      while (PyDict_Next(obj, &pos, &k, &v)) {
+        if (ik == nk || iv == nv || v != PyList_GET_ITEM(vs, iv++)) return false;
+        PyObject* want = PyList_GET_ITEM(ks, ik++);
+        if (k != want && !(PyUnicode_CheckExact(k) && PyUnicode_CheckExact(want) && PyUnicode_Compare(k, want) == 0)) {
+          return false;
+        }
+      }
+    } else if (PyList_Check(obj)) {
+      for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); ++i) {
+        if (iv == nv || PyList_GET_ITEM(obj, i) != PyList_GET_ITEM(vs, iv++)) return false;
+      }
+    } else {
+      return false;
+    }
+  }
+  return ik == nk && iv == nv;
+}
+
+}  // namespace
+
 void bind_copy_plan(pybind11::module_& m) {
   namespace py = pybind11;
   // the GIL is released around the copies, as torch ops do
@@ -208,6 +248,12 @@ void bind_copy_plan(pybind11::module_& m) {
         return true;
       },
       py::arg("a"), py::arg("b"), "Whether two lists hold the same objects (by identity) in the same order.");
+  m.def("same_items", &same_items, py::arg("containers"), py::arg("keys"), py::arg("values"),
+        "Whether the dicts and lists of `containers`, in order, hold exactly `keys` (the same objects or "
+        "equal str) and `values` (the same objects): the flat lists of their dict keys and of their dict "
+        "values and list items.");
 }
+
+#pragma GCC diagnostic pop
 
 }  // namespace memstate
