@@ -1,4 +1,5 @@
-// Bound copy plans (issue 12): torch.classes.memstate.CopyPlan, the native half of a snapshot's
+// Bound copy plans (issue 12): memstate._C.CopyPlan (pybind11; what Snapshot calls) and
+// torch.classes.memstate.CopyPlan (the same class for TorchScript), the native half of a snapshot's
 // bound plan. A plan holds, for one device, the live tensors of a snapshot and the arena slots
 // they are captured into, with their pointers and byte counts, so that Snapshot.recapture() and
 // restore() are ONE native call per device that copies and fingerprints everything: no tensor

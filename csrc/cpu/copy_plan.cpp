@@ -180,10 +180,6 @@ std::optional<at::Tensor> CopyPlan::restore() {
   return rows;
 }
 
-// (pybind11's namespace is hidden, CopyPlan is not: GCC warns about the class_ of a visible type)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wattributes"
-
 namespace {
 
 // Whether the items of `containers` (dicts: their keys and values; lists: their items), in
@@ -253,7 +249,5 @@ void bind_copy_plan(pybind11::module_& m) {
         "equal str) and `values` (the same objects): the flat lists of their dict keys and of their dict "
         "values and list items.");
 }
-
-#pragma GCC diagnostic pop
 
 }  // namespace memstate
