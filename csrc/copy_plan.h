@@ -1,4 +1,5 @@
-// Bound copy plans (issue 12): torch.classes.memstate.CopyPlan, the native half of a snapshot's
+// Bound copy plans (issue 12): memstate._C.CopyPlan (pybind11; what Snapshot calls) and
+// torch.classes.memstate.CopyPlan (the same class for TorchScript), the native half of a snapshot's
 // bound plan. A plan holds, for one device, the live tensors of a snapshot and the arena slots
 // they are captured into, with their pointers and byte counts, so that Snapshot.recapture() and
 // restore() are ONE native call per device that copies and fingerprints everything: no tensor
@@ -75,10 +76,12 @@ class CopyPlan : public torch::CustomClassHolder {
   int64_t num_slots() const { return static_cast<int64_t>(slots_.size()); }
 
  private:
-  struct Expect {
+  struct Expect {  // what source i was when the plan was built (its sizes: expect_sizes_[at, at + ndim))
     const void* data;
-    at::ScalarType dtype;
-    std::vector<int64_t> sizes;
+    caffe2::TypeMeta dtype;
+    int64_t itemsize;
+    uint32_t ndim;
+    size_t at;
   };
   bool matches(size_t i) const;
   // The zeroed rows of a call: the previous call's buffer when nobody else holds it any more
@@ -89,6 +92,7 @@ class CopyPlan : public torch::CustomClassHolder {
   std::vector<at::Tensor> sources_;
   std::vector<at::Tensor> slots_;  // keep the arena alive
   std::vector<Expect> expect_;
+  std::vector<int64_t> expect_sizes_;  // every source's sizes, flat (one allocation, read in order)
   std::vector<at::Tensor> bump_;
   std::vector<int64_t> slot_nbytes_;
   std::unique_ptr<PlanBackend> backend_;
@@ -117,4 +121,12 @@ void msfp1_copy_accumulate(const unsigned char* src, unsigned char* dst, uint64_
 void msfp1_finalize_rows(uint64_t* rows, const int64_t* nbytes, int64_t n);
 
 }  // namespace cpu
+
+#ifdef PYBIND11_VERSION_MAJOR  // (included before this header: ops.cpp and cpu/copy_plan.cpp)
+// memstate._C.CopyPlan: the same class bound with pybind11, and memstate._C.same_objects (called
+// from ops.cpp's PYBIND11_MODULE). The snapshot calls this binding: a method call costs under a
+// microsecond, against 4-10 us for the boxed TorchBind call of torch.classes.memstate.CopyPlan.
+void bind_copy_plan(pybind11::module_& m);
+#endif
+
 }  // namespace memstate

@@ -297,6 +297,7 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memstate native core: ops are registered as torch.ops.memstate.*";
+  memstate::bind_copy_plan(m);  // memstate._C.CopyPlan (copy_plan.h)
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "

@@ -294,9 +294,13 @@ def test_device_group_lists_are_built_once():
 # ---------------------------------------------------------------- the native CopyPlan
 
 
-def native_plan(sources, slots, bump=()):
+@pytest.fixture(params=["pybind", "torchbind"])
+def native_plan(request):
+    """The CopyPlan constructor of one binding: memstate._C.CopyPlan (what Snapshot uses) or
+    torch.classes.memstate.CopyPlan (the same C++ class, for TorchScript)."""
     memstate._ext.ops()
-    return torch.classes.memstate.CopyPlan(list(sources), list(slots), list(bump))
+    cls = memstate._ext.load().CopyPlan if request.param == "pybind" else torch.classes.memstate.CopyPlan
+    return lambda sources, slots, bump=(): cls(list(sources), list(slots), list(bump))
 
 
 def test_recapture_and_restore_use_one_native_plan_per_device():
@@ -319,7 +323,7 @@ def test_recapture_and_restore_use_one_native_plan_per_device():
     assert_state(net, opt, want)
 
 
-def test_native_plan_copies_fingerprints_and_bumps_versions():
+def test_native_plan_copies_fingerprints_and_bumps_versions(native_plan):
     g = torch.Generator().manual_seed(3)
     srcs = [torch.randn(5, 7, generator=g), torch.randint(0, 100, (13,), generator=g, dtype=torch.int16),
             torch.empty(0), torch.randn(3, dtype=torch.float64, generator=g)]
@@ -349,7 +353,7 @@ def test_native_plan_copies_fingerprints_and_bumps_versions():
 
 @pytest.mark.parametrize("change", ["resize_larger", "resize_smaller", "set_", "data", "view", "free_storage",
                                     "dtype"])
-def test_stale_native_plan_never_copies(change):
+def test_stale_native_plan_never_copies(change, native_plan):
     """A tensor changed after the plan was built: capture() and restore() copy nothing (no write
     through an old pointer, no read or write of a wrong byte count) and return None."""
     t = torch.arange(16, dtype=torch.float32)
@@ -382,7 +386,7 @@ def test_stale_native_plan_never_copies(change):
         assert torch.equal(t.reshape(-1).view(torch.uint8), before_t)
 
 
-def test_native_plan_refuses_bad_arguments_naming_the_index():
+def test_native_plan_refuses_bad_arguments_naming_the_index(native_plan):
     a, b = torch.zeros(8), torch.zeros(8)
     arena = torch.zeros(128, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match=r"sources\[1\] has 32 bytes but slots\[1\] holds 16"):
@@ -401,6 +405,113 @@ def test_native_plan_refuses_bad_arguments_naming_the_index():
     assert plan.capture([], True) is not None
     with pytest.raises(RuntimeError, match="overlaps"):
         plan.restore()  # but restore would write the same bytes twice
+
+
+class _Counting:
+    """A native plan whose stale()/capture()/restore() calls are recorded."""
+
+    def __init__(self, plan):
+        self.plan, self.calls = plan, []
+
+    def stale(self):
+        self.calls.append("stale")
+        return self.plan.stale()
+
+    def capture(self, dynamic, fingerprint):
+        self.calls.append("capture")
+        return self.plan.capture(dynamic, fingerprint)
+
+    def restore(self):
+        self.calls.append("restore")
+        return self.plan.restore()
+
+
+def count_plan_calls(snap):
+    assert snap._plans is not None and len(snap._plans) == 1
+    snap._plans = [(a, b, c, _Counting(p)) for a, b, c, p in snap._plans]
+    return snap._plans[0][3]
+
+
+class Counter:
+    """A stateful extra: restored through load_state_dict."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = sd["n"]
+
+
+def test_restore_and_recapture_are_one_native_call():
+    """The native restore() compares every held tensor itself: no separate stale() call first."""
+    net, opt = make()
+    train(net, opt)
+    snap = Snapshot.capture(net, opt)
+    want = state_of(net, opt)
+    calls = count_plan_calls(snap).calls
+    train(net, opt)
+    snap.restore()
+    assert calls == ["restore"]
+    assert_state(net, opt, want)
+    snap.recapture()
+    assert calls == ["restore", "capture"]
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_tensor_swapped_after_capture_restore_writes_the_new_storage(stateful):
+    """``p.data = ...`` between capture and restore (same shape): the plan's tensor is stale.
+    Without objects restored through load_state_dict, the native restore call finds it and
+    writes nothing, and restore() takes the full walk; with one, stale() is asked first. Either
+    way the captured values land in the new storage, and the old storage is left alone."""
+    net, opt = make("sgd")
+    train(net, opt)
+    extra = {"counter": Counter()} if stateful else None
+    if stateful:
+        extra["counter"].n = 7
+    snap = Snapshot.capture(net, opt, extra=extra)
+    want = state_of(net, opt)
+    calls = count_plan_calls(snap).calls
+    train(net, opt)
+    w = net.fc2.weight
+    old = w.data
+    old_bytes = old.clone()
+    w.data = torch.zeros_like(old)
+    if stateful:
+        extra["counter"].n = 9
+    snap.restore()
+    assert_state(net, opt, want)
+    assert torch.equal(old, old_bytes)  # nothing written through the stale plan
+    assert calls == (["stale"] if stateful else ["restore", "stale"])
+    if stateful:
+        assert extra["counter"].n == 7
+
+
+def test_same_objects_compares_identity():
+    same = memstate._ext.load().same_objects
+    a, b = torch.zeros(1), torch.zeros(1)
+    assert same([a, "x", a], [a, "x", a]) and same([], [])
+    assert not same([a], [b])  # equal values, another object
+    assert not same([a], [a, a]) and not same([a, a], [a])
+
+
+def test_same_items_compares_dict_entries_and_list_items():
+    same = memstate._ext.load().same_items
+    a, b = torch.zeros(1), torch.zeros(1)
+    d, lst = {"w": a, "b": b}, [a, b]
+    keys, values = ["w", "b"], [a, b, a, b]
+    assert same([d, lst], keys, values)
+    assert same([d, lst], ["".join(["w"]), "b"], values)  # an equal str key, another object
+    assert not same([d, lst], keys, [a, b, b, a])  # list order
+    assert not same([{"w": a, "b": torch.zeros(1)}, lst], keys, values)  # a value replaced by an equal one
+    assert not same([{"b": b, "w": a}, lst], keys, [b, a, a, b])  # keys in another order
+    assert not same([{"w": a, "c": b}, lst], keys, values)  # a key renamed
+    assert not same([{a: 1}], [torch.zeros(1)], [1])  # non-str keys by identity only
+    assert not same([d], keys, values) and not same([d, lst, []], keys, values[:3])  # counts
+    assert not same([d, lst + [a]], keys, values)  # a list grew
+    assert not same([(a, b)], [], [a, b])  # only dicts and lists
 
 
 def test_buffer_resized_in_place_after_capture():
@@ -479,7 +590,7 @@ def test_rng_state_is_converted_lazily():
 
 
 @pytest.mark.parametrize("total", [200, 9 << 20])  # 9 MiB: the non-temporal (streaming) stores
-def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total):
+def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total, native_plan):
     """The copy + fingerprint hashes the registers it stores (AVX2, streaming stores for large
     copies, unaligned stores for a misaligned destination) or the copied bytes (scalar): every
     path gives the reference fingerprint and an exact copy."""
@@ -516,7 +627,7 @@ def test_fused_copy_matches_the_reference_on_every_isa_and_alignment(total):
 
 
 @pytest.mark.cuda
-def test_native_plan_on_cuda_matches_the_op_and_refuses_when_stale():
+def test_native_plan_on_cuda_matches_the_op_and_refuses_when_stale(native_plan):
     """The CUDA plan (tables uploaded once) copies and fingerprints like copy_fingerprint, over
     several calls and both directions, and copies nothing once a tensor changed."""
     ops = memstate._ext.ops()

@@ -95,33 +95,32 @@ _PARAMS = operator.itemgetter("params")
 _chain = itertools.chain.from_iterable
 
 
-def _module_parts(mods: List[torch.nn.Module], objs: list, keys: list) -> None:
-    """Every module's parameter, buffer and submodule dicts, their keys and values: with the
-    same objects in the same order, ``named_parameters``/``named_buffers`` give the same result.
-    (Iterated by C code: tens of ns an item.)"""
+def _module_parts(mods: List[torch.nn.Module], objs: list, conts: list) -> None:
+    """Every module's parameter, buffer and submodule dicts (their items compared natively): with
+    the same objects in the same order, ``named_parameters``/``named_buffers`` give the same
+    result."""
     dicts = list(_chain(map(_MODULE_DICTS, mods)))
     objs += dicts
-    objs += _chain(map(dict.values, dicts))
-    keys += _chain(dicts)
+    conts += dicts
 
 
-def _optimizer_parts(opt: torch.optim.Optimizer, plain: list, mixed: list, objs: list, keys: list) -> None:
-    """The state dict, its parameters and per-parameter state dicts with their keys, every param
-    group, its params list and parameters; the tensor values of the state dicts `plain` (all
-    values tensors) and `mixed` (also non-tensor values, which may change freely: they are
-    re-encoded on every capture, so only their type counts)."""
+def _optimizer_parts(opt: torch.optim.Optimizer, plain: list, mixed: list, objs: list, keys: list,
+                     conts: list) -> None:
+    """The state dict (parameter -> state dict), every param group and its params list, the
+    per-parameter state dicts `plain` (all values tensors: their items compared natively) and
+    `mixed` (also non-tensor values, which may change freely: they are re-encoded on every
+    capture, so only their type counts)."""
     state, groups = opt.state, opt.param_groups
     plists = list(map(_PARAMS, groups))
-    sts = list(state.values())
     objs += (state, groups)
     objs += groups
     objs += plists
-    objs += _chain(plists)
-    objs += state
-    objs += sts
-    keys += _chain(sts)
-    objs += _chain(map(dict.values, plain))
+    conts += plists
+    conts.append(state)
+    conts += plain
     for st in mixed:
+        objs.append(st)
+        keys += st
         for v in st.values():
             if isinstance(v, torch.Tensor):
                 objs.append(v)
@@ -143,8 +142,12 @@ class _Bound:
     The signature is the identity of every entry of every module's ``_parameters``,
     ``_buffers`` and ``_modules`` dicts, of the optimizer's state dict, param groups, their
     params lists and parameters, each parameter's state dict with its keys and tensor values,
-    and of ``extra`` tensors and dicts of tensors: a list of objects compared by identity and a
-    list of keys, both built and compared by C-level iteration (about 40-60 ns an item). Anything changed (parameters replaced, optimizer state created,
+    and of ``extra`` tensors and dicts of tensors. The per-tensor part, the items of those dicts
+    and of the params lists, is compared natively against flat lists taken when the plan was
+    built (``memstate._C.same_items``: it reads the dicts' entry tables, never the objects, a
+    few ns an item); the dicts, lists, groups and modules themselves by identity
+    (``memstate._C.same_objects``); keys of state dicts with non-tensor values, and those
+    values' types, by value. Anything changed (parameters replaced, optimizer state created,
     ``load_state_dict``, param groups added) fails the check, and the caller builds a new plan
     with a full walk. What the signature does not see, ``t.data = ...`` or an in-place resize,
     the native CopyPlan catches (it compares every tensor's pointer, sizes, dtype, device and
@@ -181,7 +184,8 @@ class _Bound:
             elif isinstance(obj, Mapping):
                 self._parts.append(("mapping", obj))
         if cacheable:
-            self._held, self._keys = self._signature()
+            self._held, self._keys, conts = self._signature()
+            self._ckeys, self._cvals = _flat_items(conts)
         else:
             self._held = None
         self.param_keys = _param_keys(sources)
@@ -197,22 +201,25 @@ class _Bound:
                            if any(not isinstance(v, torch.Tensor) for v in st.values())]
         self.version = 0  # bumped by Snapshot when a layout is built from this plan
 
-    def _signature(self) -> Tuple[list, list]:
-        """(objects compared by identity, keys and types compared by value)."""
+    def _signature(self) -> Tuple[list, list, list]:
+        """(objects compared by identity, keys and types compared by value, dicts and lists
+        whose items are compared natively: see ``_flat_items``)."""
         objs: list = []
         keys: list = []
+        conts: list = []
         for kind, obj in self._parts:
             if kind == "module":
-                _module_parts(obj, objs, keys)
+                _module_parts(obj, objs, conts)
             elif kind == "optimizer":
-                _optimizer_parts(*obj, objs, keys)
-            elif kind == "tensor":
+                _optimizer_parts(*obj, objs, keys, conts)
+            else:  # a tensor, or a mapping of tensors
                 objs.append(obj)
-            else:
-                objs.append(obj)
-                keys += obj
-                objs += obj.values()
-        return objs, keys
+                if kind == "mapping" and isinstance(obj, dict):
+                    conts.append(obj)
+                elif kind == "mapping":
+                    keys += obj
+                    objs += obj.values()
+        return objs, keys, conts
 
     def valid(self, tensors: bool = True, strict: bool = False) -> bool:
         """Whether the live objects still have exactly this plan's structure and, with
@@ -221,9 +228,10 @@ class _Bound:
         hold one pass ``tensors=False``."""
         if self._held is None:
             return False
-        objs, keys = self._signature()
-        held = self._held
-        if not (keys == self._keys and len(objs) == len(held) and all(map(operator.is_, objs, held))):
+        objs, keys, conts = self._signature()
+        native = _ext.load()
+        if not (keys == self._keys and native.same_objects(objs, self._held)
+                and native.same_items(conts, self._ckeys, self._cvals)):
             return False
         if not tensors:
             return True
@@ -232,6 +240,20 @@ class _Bound:
             return False
         return not strict or (list(map(_DEVICE, ts)) == self.devices
                               and all(map(torch.Tensor.is_contiguous, ts)))
+
+
+def _flat_items(conts: list) -> Tuple[list, list]:
+    """(dict keys, dict values and list items) of `conts` in order, as ``memstate._C.same_items``
+    reads them (a dict's own entry order)."""
+    keys: list = []
+    values: list = []
+    for c in conts:
+        if isinstance(c, dict):
+            keys += dict.keys(c)
+            values += dict.values(c)
+        else:
+            values += c
+    return keys, values
 
 
 def _dynamic(sources: Dict[str, Any], rng: bool, bound: _Bound) -> Tuple[List[Tuple[str, torch.Tensor]], dict]:
@@ -335,7 +357,8 @@ def _copy(src: List[torch.Tensor], dst: List[torch.Tensor], fingerprint: bool) -
 def _rows_to_cpu(n: int, parts: List[Tuple[List[int], torch.Tensor]], index_map=None) -> torch.Tensor:
     """int64 [n, 2] rows in entry order from (indices, rows) parts; indices None: all, in order."""
     if len(parts) == 1 and parts[0][0] is None and index_map is None:
-        return parts[0][1].cpu()
+        rows = parts[0][1]
+        return rows if rows.is_cpu else rows.cpu()
     out = torch.zeros(n, 2, dtype=torch.int64)
     for idxs, rows in parts:
         if idxs is None:

@@ -111,4 +111,7 @@ class _Plan:
     loads: List[Tuple[str, Any, Any]]  # (what, object, decoded state_dict) for load_state_dict
     rng: Optional[dict]  # _check_rng output
     fast: bool = False  # bound plan still valid: targets are its tensors (the static entries only), state keys unchanged
+    # fast, and the tensors not yet compared with the one native plan: its restore() compares
+    # them and, when one changed, writes nothing (restore() then plans again with the full walk)
+    deferred: bool = False
 

@@ -159,7 +159,7 @@ class Snapshot:
     def _native_plans(self, bound: _Bound) -> Optional[list]:
         """Per device: (entry indices of its capture rows, static entry indices (None for both
         when there is one device: all, in order), positions in the JSON tree's tensor list of the
-        dynamic tensors it copies, the native ``torch.classes.memstate.CopyPlan``). None when a
+        dynamic tensors it copies, the native ``memstate._C.CopyPlan``). None when a
         plan cannot hold the tensors (``to="cpu"``; a non-contiguous or conjugate view, copied
         through the op with lists instead)."""
         if self._to == "cpu" or not all(t.is_contiguous() and not t.is_conj() and not t.is_neg()
@@ -170,11 +170,11 @@ class Snapshot:
         for i, e in enumerate(self._entries):
             by_device.setdefault(e.device, []).append(i)
         bump = {i for i, (name, _) in enumerate(bound.named) if name.startswith(("model.", "extra."))}
-        _ext.ops()
+        native = _ext.load()
         plans = []
         for idxs in by_device.values():
             static = [i for i in idxs if i < n]
-            plan = torch.classes.memstate.CopyPlan([bound.tensors[i] for i in static], [self._slots[i] for i in idxs],
+            plan = native.CopyPlan([bound.tensors[i] for i in static], [self._slots[i] for i in idxs],
                                                    [k for k, i in enumerate(static) if i in bump])
             one = len(by_device) == 1
             plans.append((None if one else idxs, None if one else static, [i - n for i in idxs if i >= n], plan))
@@ -273,29 +273,40 @@ class Snapshot:
         raise KeyError(f"{name!r} is not in the snapshot; names: {', '.join(self.names[:20])}...")
 
     # ------------------------------------------------------------------ restore
-    def _plan(self, hyperparameters: Optional[str] = None) -> "_Plan":
+    def _plan(self, hyperparameters: Optional[str] = None, defer: bool = False) -> "_Plan":
         """Every check of every source, before anything live is written: tensor names, shapes,
         dtypes and devices; the optimizer's parameters (bound by name), group structure and
         hyperparameters; the decoded state of the sampler, scheduler, scaler and stateful
         extras (``validate_state_dict`` where the object has one); every RNG state and RNG
-        contract. Raises SnapshotError naming the first mismatch; modifies nothing."""
+        contract. Raises SnapshotError naming the first mismatch; modifies nothing.
+
+        ``defer`` (restore() only): with one native CopyPlan and nothing restored through
+        ``load_state_dict``, the plan's tensors are compared natively by the restore call itself
+        (``_Plan.deferred``) instead of by a separate call first."""
         policy = hyperparameters or self._hyper
         if policy not in _HYPER_POLICIES:
             raise ValueError(f"hyperparameters must be one of {', '.join(_HYPER_POLICIES)}, got {policy!r}")
         try:
-            return self._plan_unchecked(policy)
+            return self._plan_unchecked(policy, defer)
         except SnapshotError:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RecursionError,
                 RuntimeError) as e:
             raise SnapshotError(f"the snapshot's state cannot be applied: {type(e).__name__}: {e}") from None
 
-    def _plan_unchecked(self, policy: str) -> "_Plan":
+    def _plan_unchecked(self, policy: str, defer: bool = False) -> "_Plan":
         bound = self._bound
+        plans = self._plans
         if bound is not None and self._layout_of is bound and self._to != "cpu" and (
-                bound.valid(strict=True) if self._plans is None else
-                bound.valid(tensors=False) and all(plan.stale() < 0 for *_, plan in self._plans)):
-            return self._plan_bound(policy, bound)
+                bound.valid(strict=True) if plans is None else bound.valid(tensors=False)):
+            plan = self._plan_bound(policy, bound)
+            if plans is None:
+                return plan
+            if defer and len(plans) == 1 and not plan.loads:
+                plan.deferred = True  # _copy_back_bound: the restore call compares the tensors
+                return plan
+            if all(p.stale() < 0 for *_, p in plans):
+                return plan
         live_named, _ = _collect_tensor_names(self._sources)
         captured = {e.name for e in self._entries}
         missing = [e.name for e in self._entries if e.in_state and not e.name.startswith("optimizer.")
@@ -405,9 +416,14 @@ class Snapshot:
         ``Snapshot.load`` choice for a loaded one): ``"snapshot"`` sets them to the captured
         values, ``"live"`` keeps the live ones, ``"check"`` refuses any difference."""
         self._wait()
-        self._apply(self._plan(hyperparameters))
+        if not self._apply(self._plan(hyperparameters, defer=True)):
+            # a held tensor changed since capture (``p.data = ...``, resized): nothing was written
+            # (see _Plan.deferred); plan again, which now checks by name with the full walk
+            self._apply(self._plan(hyperparameters))
 
-    def _apply(self, plan: "_Plan") -> None:
+    def _apply(self, plan: "_Plan") -> bool:
+        """Writes `plan` into the live objects. False, with nothing written, when a deferred
+        plan (``_Plan.deferred``) found a held tensor changed."""
         # 1. objects restored through load_state_dict: all validated, but a generic object may
         #    still refuse; then every one loaded so far is put back and nothing else is touched.
         done = []
@@ -423,7 +439,8 @@ class Snapshot:
                                     f"nothing was restored") from None
         # 2. tensors, in place (optimizer state tensors that do not exist live are allocated)
         if plan.fast:
-            self._copy_back_bound()
+            if not self._copy_back_bound(plan.deferred):
+                return False
         else:
             self._copy_back(plan)
         # 3. the optimizer's state and param groups, bound by parameter name
@@ -455,18 +472,23 @@ class Snapshot:
         # 4. RNGs (validated by _check_rng)
         if plan.rng is not None:
             _restore_rng(plan.rng)
+        return True
 
-    def _copy_back_bound(self) -> None:
+    def _copy_back_bound(self, deferred: bool = False) -> bool:
         """The fused copy back into the bound plan's tensors: one native call per device, with
-        the argument lists built once per layout; fingerprints verified."""
+        the argument lists built once per layout; fingerprints verified. False when `deferred`
+        (one plan, its tensors not checked before) and a held tensor changed: nothing written."""
         bound = self._layout_of
         n = len(bound.tensors)
         if self._plans is not None:  # one native call per device; versions bumped natively
             parts = [(static, plan.restore()) for _, static, _, plan in self._plans]  # raw bytes: no autograd
-            if any(rows is None for _, rows in parts):  # checked by _plan: only a concurrent change gets here
+            if any(rows is None for _, rows in parts):
+                if deferred:
+                    return False
+                # checked by _plan: only a concurrent change gets here
                 raise SnapshotError("live tensors changed while the snapshot was being restored")
             self._check_restored(n, parts)
-            return
+            return True
         if self._restore_groups is None:
             self._restore_groups = [(idxs, [self._slots[i] for i in (range(n) if idxs is None else idxs)], dsts)
                                     for idxs, dsts in self._device_groups(list(range(n)), bound.tensors)]
@@ -475,12 +497,13 @@ class Snapshot:
             parts = [(idxs, ops.copy_fingerprint(srcs, dsts, True)) for idxs, srcs, dsts in self._restore_groups]
         self._check_restored(n, parts)
         _bump_versions(bound.bump)
+        return True
 
     def _check_restored(self, n: int, parts) -> None:
         """Compares the fingerprints of the n restored tensors with the captured ones."""
         got = _rows_to_cpu(n, parts)
         want = self._fingerprint_rows()
-        if len(want) != n:
+        if want.shape[0] != n:
             want = want[:n]
         if not torch.equal(got, want):  # the arena itself changed in memory since capture
             bad = [self._entries[i].name for i in range(n) if not torch.equal(got[i], want[i])]
