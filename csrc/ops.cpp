@@ -1,6 +1,6 @@
 // Every memstate op schema, in one place. Device implementations live in cpu/*_cpu.cpp and
-// cuda/*_cuda.cpp (one TORCH_LIBRARY_IMPL per device file). PYBIND11_MODULE only exposes
-// non-tensor helpers: build information and test knobs.
+// cuda/*_cuda.cpp (one TORCH_LIBRARY_IMPL per device file). PYBIND11_MODULE exposes build
+// information, test knobs and the pybind11 binding of CopyPlan (csrc/copy_plan.h).
 #include <torch/extension.h>
 #include <torch/library.h>
 

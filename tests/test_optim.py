@@ -873,8 +873,8 @@ DET_CASES = [
 
 def _det_run(name, hp, init, grads):
     params = leaves(init)
-    opt = MS[name](split_groups(params, [(2, {}), (len(params) - 2, {"lr": hp["lr"] / 3})]),
-                   fingerprint=True, **hp)
+    groups = split_groups(params, [(2, {}), (len(params) - 2, {"lr": hp["lr"] / 3})])
+    opt = getattr(mo, name)(groups, fingerprint=True, **hp)
     run(opt, params, grads)
     snap = snapshot(params, opt)
     snap["in_pass"] = [opt.fingerprints(p) for p in params]
@@ -884,6 +884,7 @@ def _det_run(name, hp, init, grads):
         assert fps["param"] == memstate.fingerprint(p) and fps["grad"] == memstate.fingerprint(p.grad)
         for k, v in opt.state[p].items():
             assert fps[k] == memstate.fingerprint(v), k
+        assert set(fps) == {"param", "grad", *opt.state[p].keys()}
     return snap
 
 

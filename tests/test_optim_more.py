@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import memstate
 import memstate.optim as mo
 from memstate import _ext
-from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, assert_bitwise_same,
+from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, _det_run, assert_bitwise_same,
                         assert_resume_is_bitwise, assert_steps_equal_reference,
                         assert_close_to_torch, combo_id, leaves, make_grads, make_init, run, set_grads,
                         snapshot, split_groups, state_tensors)
@@ -387,23 +386,6 @@ DET_CASES = [
     ("Adagrad", dict(lr=5e-2, lr_decay=0.1, weight_decay=1e-2, initial_accumulator_value=0.1)),
     ("Lion", dict(lr=1e-3, weight_decay=0.1)),
 ]
-
-
-def _det_run(name, hp, init, grads):
-    params = leaves(init)
-    opt = MS[name](split_groups(params, [(2, {}), (len(params) - 2, {"lr": hp["lr"] / 3})]),
-                   fingerprint=True, **hp)
-    run(opt, params, grads)
-    snap = snapshot(params, opt)
-    snap["in_pass"] = [opt.fingerprints(p) for p in params]
-    snap["state_fp"] = opt.state_fingerprint()
-    # the in-pass fingerprints are right in every configuration, not only equal to each other
-    for p, fps in zip(params, snap["in_pass"]):
-        assert fps["param"] == memstate.fingerprint(p) and fps["grad"] == memstate.fingerprint(p.grad)
-        for k, v in opt.state[p].items():
-            assert fps[k] == memstate.fingerprint(v), k
-        assert set(fps) == {"param", "grad", *opt.state[p].keys()}
-    return snap
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
