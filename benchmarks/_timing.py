@@ -79,11 +79,14 @@ def machine() -> str:
     return ", ".join(parts) + f", torch {torch.__version__}"
 
 
-def parse_args(doc: str, default_rounds: int, argv=None):
-    """The benchmarks' shared options: --device cpu|cuda|all, --quick, --rounds, --json, --stat."""
+def parse_args(doc: str, default_rounds: int, argv=None, extra=()):
+    """The benchmarks' shared options: --device cpu|cuda|all, --quick, --rounds, --json, --stat;
+    ``extra``: (flag, help) pairs of a benchmark's own store_true options."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, help_text in extra:
+        ap.add_argument(flag, action="store_true", help=help_text)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
     ap.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     ap.add_argument("--rounds", type=int, default=None,

@@ -220,10 +220,9 @@ def host_overhead(device: str, rounds: int, stat: str = "median"):
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    host_only = "--host-only" in argv
-    argv = [a for a in argv if a != "--host-only"]
-    args = _timing.parse_args(__doc__, default_rounds=7, argv=argv)
+    args = _timing.parse_args(__doc__, default_rounds=7, argv=argv,
+                              extra=[("--host-only", "only the host-overhead section")])
+    host_only = args.host_only
     rows = []
     over = []
     for dev in args.devices:

@@ -1,6 +1,7 @@
 // Every memstate op schema, in one place. Device implementations live in cpu/*_cpu.cpp and
 // cuda/*_cuda.cpp (one TORCH_LIBRARY_IMPL per device file). PYBIND11_MODULE exposes build
-// information, test knobs and the pybind11 binding of CopyPlan (csrc/copy_plan.h).
+// information, test knobs, the pybind11 binding of CopyPlan (csrc/copy_plan.h) and the
+// Fingerprint-object builder (cpu/fingerprint_py.cpp).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -298,6 +299,7 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memstate native core: ops are registered as torch.ops.memstate.*";
   memstate::bind_copy_plan(m);  // memstate._C.CopyPlan (copy_plan.h)
+  memstate::bind_fingerprint_rows(m);  // memstate._C.fingerprints_from_rows (cpu/kernels.h)
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "

@@ -8,8 +8,6 @@ named tensor of a module, optimizer or dict to its fingerprint and digests the s
 from __future__ import annotations
 
 import struct
-from collections import deque
-from itertools import repeat
 from typing import Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
@@ -91,20 +89,15 @@ class Fingerprint:
 
 
 _new = object.__new__
-_set_lanes = Fingerprint.__dict__["_lanes"].__set__  # the slot's own setter: skips __setattr__
+_LANES_SLOT = Fingerprint.__dict__["_lanes"]
+_set_lanes = _LANES_SLOT.__set__  # the slot's own setter: skips __setattr__
 
 
-def _from_pair(lanes: Tuple[int, int]) -> Fingerprint:
-    fp = _new(Fingerprint)
-    _set_lanes(fp, lanes)
-    return fp
-
-
-def _from_pairs(pairs: List[Tuple[int, int]]) -> List[Fingerprint]:
-    """[_from_pair(p) for p in pairs] without a Python frame per item (both maps run in C)."""
-    fps = list(map(_new, repeat(Fingerprint, len(pairs))))
-    deque(map(_set_lanes, fps, pairs), maxlen=0)
-    return fps
+def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
+    """int64 [..., 2] rows of msfp1 lanes (uint64 bit patterns), on any device -> one Fingerprint
+    per row, built in one native loop (memstate._C.fingerprints_from_rows)."""
+    host = rows.detach().reshape(-1, 2).cpu().contiguous().numpy()
+    return _ext.load().fingerprints_from_rows(host, Fingerprint, _LANES_SLOT)
 
 
 def _check_tensor(t, name: str) -> torch.Tensor:
@@ -151,7 +144,7 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
         return []
     rows = _one_call_rows(tensors) if names is None or len(names) == len(tensors) else None
     if rows is not None:
-        return _from_pairs(_lanes_from_rows(rows))
+        return _from_rows(rows)
     names = names if names is not None else [f"tensors[{i}]" for i in range(len(tensors))]
     checked = [_check_tensor(t, n) for t, n in zip(tensors, names)]
     out: List[Fingerprint] = [None] * len(checked)  # type: ignore[list-item]
@@ -160,8 +153,8 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
         by_device.setdefault(t.device, []).append(i)
     for idxs in by_device.values():
         rows = _ext.ops().fingerprint([checked[i] for i in idxs])
-        for i, lanes in zip(idxs, _lanes_from_rows(rows)):
-            out[i] = _from_pair(lanes)
+        for i, fp in zip(idxs, _from_rows(rows)):
+            out[i] = fp
     return out
 
 

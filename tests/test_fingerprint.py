@@ -87,6 +87,37 @@ def test_fingerprint_object():
         memstate.Fingerprint.fromhex("xyz")
 
 
+def test_fingerprint_objects_built_natively_from_rows():
+    """memstate._C.fingerprints_from_rows (fingerprint_many's result builder) gives the same
+    objects as the checked constructor, lanes read as uint64 (top bit set included)."""
+    from memstate.fingerprint import _from_rows
+
+    rng = np.random.default_rng(3)
+    lanes = rng.integers(0, 2**64, size=(257, 2), dtype=np.uint64)
+    lanes[0] = (0, 2**64 - 1)
+    lanes[1] = (2**63, 2**63 - 1)
+    rows = torch.from_numpy(lanes.view(np.int64))
+    got = _from_rows(rows)
+    want = [memstate.Fingerprint(int(a), int(b)) for a, b in lanes]
+    assert got == want and [type(f) for f in got] == [memstate.Fingerprint] * len(want)
+    assert [f.lanes for f in got] == [tuple(map(int, r)) for r in lanes]
+    assert len({*got, *want}) == len(want)  # hash alike
+    with pytest.raises(AttributeError):
+        got[0]._lanes = (0, 0)  # still immutable
+    assert _from_rows(rows[:255].reshape(85, 3, 2)) == want[:255]  # [N, roles, 2]
+    assert _from_rows(torch.zeros(0, 2, dtype=torch.int64)) == []
+    C = _ext.load()
+    slot = memstate.Fingerprint.__dict__["_lanes"]
+    with pytest.raises(TypeError, match="8-byte integers.*'d'"):
+        C.fingerprints_from_rows(np.zeros((2, 2)), memstate.Fingerprint, slot)
+    with pytest.raises(ValueError, match=r"shape \[N, 2\]"):
+        C.fingerprints_from_rows(np.zeros((2, 3), dtype=np.int64), memstate.Fingerprint, slot)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        C.fingerprints_from_rows(np.zeros((2, 4), dtype=np.int64)[:, ::2], memstate.Fingerprint, slot)
+    with pytest.raises(TypeError, match="not a data descriptor"):
+        C.fingerprints_from_rows(lanes, memstate.Fingerprint, memstate.Fingerprint.hex)
+
+
 def test_zero_dim_and_empty_shapes():
     assert memstate.fingerprint(torch.tensor(3.5)) == ref_fp(torch.tensor(3.5))
     e1, e2 = torch.empty(0, 3), torch.empty(5, 0, dtype=torch.int8)

@@ -48,4 +48,10 @@ inline int64_t chunk_grain(int64_t nchunks, int64_t total_bytes) {
 }
 
 }  // namespace cpu
+
+#ifdef PYBIND11_VERSION_MAJOR  // (included after pybind11: ops.cpp, cpu/fingerprint_py.cpp)
+// memstate._C.fingerprints_from_rows (cpu/fingerprint_py.cpp; called from ops.cpp's PYBIND11_MODULE).
+void bind_fingerprint_rows(pybind11::module_& m);
+#endif
+
 }  // namespace memstate

@@ -10,9 +10,8 @@ from torch.optim import Optimizer
 
 from memstate import _ext
 from memstate.optim import _clipping
-from memstate.fingerprint import Fingerprint, StateFingerprint
+from memstate.fingerprint import Fingerprint, StateFingerprint, _from_rows
 
-_M64 = (1 << 64) - 1
 _VERSION = operator.attrgetter("_version")  # a tensor's in-place write counter
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 # follow-up for capturable=True (device-side step counters and lr, CUDA graph capture)
@@ -730,11 +729,9 @@ class FusedOptimizer(Optimizer):
             return
         fetched = _to_host([rows for _, _, rows in self._pending])  # one host sync
         for (bucket, roles, _), host_rows in zip(self._pending, fetched):
-            lanes = host_rows.tolist()
-            for p, per_role in zip(bucket, lanes):
-                self._fingerprints.setdefault(id(p), {}).update(
-                    {role: Fingerprint._from_lanes(a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)}
-                )
+            fps = iter(_from_rows(host_rows))  # [N, roles, 2] -> N * roles, parameter-major
+            for p in bucket:
+                self._fingerprints.setdefault(id(p), {}).update(zip(roles, fps))
         self._pending = []
 
     def fingerprints(self, p: torch.Tensor) -> Dict[str, Fingerprint]:

@@ -13,7 +13,6 @@ FORMAT_VERSION = 1
 DIST_FORMAT = "memstate-distributed-snapshot"  # the global manifest of per-rank snapshots (_dist)
 DIST_FORMAT_VERSION = 1
 ALIGN = 64  # bytes: every tensor starts on a 64-byte boundary of its arena
-_M64 = (1 << 64) - 1
 
 
 class SnapshotError(ValueError):

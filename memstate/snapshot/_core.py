@@ -7,12 +7,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from memstate import _ext
-from memstate.fingerprint import Fingerprint, StateFingerprint
+from memstate.fingerprint import Fingerprint, StateFingerprint, _from_rows
 from memstate.snapshot import _dist, _format
 from memstate.snapshot._arena import (_Bound, _bump_versions, _check_names, _collect_tensor_names, _copy, _dynamic,
                                       _layout, _like_param, _local, _param_keys, _rows_to_cpu)
 from memstate.snapshot._bind import _HYPER_POLICIES, _Plan, _bind_optimizer, _hyperparameters, _param_index
-from memstate.snapshot._common import _M64, SnapshotError, _bytes_view, _dtype_name, _Entry, _typed
+from memstate.snapshot._common import SnapshotError, _bytes_view, _dtype_name, _Entry, _typed
 from memstate.snapshot._rng import _check_rng, _restore_rng
 from memstate.snapshot._tree import _decode
 
@@ -231,7 +231,7 @@ class Snapshot:
         return self._fp_rows
 
     def _fingerprints(self) -> List[Fingerprint]:
-        return [Fingerprint._from_lanes(a & _M64, b & _M64) for a, b in self._fingerprint_rows().tolist()]
+        return _from_rows(self._fingerprint_rows())
 
     def _wait(self) -> None:
         """Blocks until the asynchronous device-to-host copies of to="cpu" have completed."""
