@@ -16,8 +16,8 @@ from torch.library import opcheck
 import memstate
 import memstate.optim as mo
 from memstate import _ext
-from test_optim import (_assert_cpu_equals_cuda, assert_bitwise_same, combo_id, leaves, make_grads, make_init,
-                        run, set_grads, snapshot, split_groups)
+from test_optim import (assert_bitwise_same, _assert_cpu_equals_cuda, assert_cuda_equals_cpu_for_every_chunk_size,
+                        combo_id, leaves, make_grads, make_init, run, set_grads, snapshot, split_groups)
 
 SHAPES = [(), (1,), (7,), (3, 5), (33, 17), (1000,), (2, 3, 13)]
 
@@ -515,20 +515,7 @@ def test_cuda_equals_cpu_bitwise(hp, dtype):
 
 @pytest.mark.cuda
 def test_cuda_equals_cpu_for_every_chunk_size():
-    C = _ext.load()
-    before = C.optim_chunk_elems()
-    try:
-        for chunk in (8, 1000, 16384, 1 << 20):
-            C.set_optim_chunk_elems(chunk)
-            init = make_init(CUDA_SHAPES, seed=210)
-            grads = make_grads(CUDA_SHAPES, 3, seed=211)
-            pc, pg = leaves(init), leaves(init, "cuda")
-            oc, og = mo.LAMB(pc, lr=1e-2, fingerprint=True), mo.LAMB(pg, lr=1e-2, fingerprint=True)
-            run(oc, pc, grads)
-            run(og, pg, grads)
-            _assert_cpu_equals_cuda(pc, oc, pg, og, f"chunk {chunk}")
-    finally:
-        C.set_optim_chunk_elems(before)
+    assert_cuda_equals_cpu_for_every_chunk_size(mo.LAMB, dict(lr=1e-2), CUDA_SHAPES)
 
 
 @pytest.mark.cuda

@@ -394,49 +394,53 @@ STATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, kw", STATE_CASES, ids=[f"{n}-{combo_id(k)}" for n, k in STATE_CASES])
-@pytest.mark.parametrize("direction", ["torch_to_memstate", "memstate_to_torch"])
-def test_state_dict_interoperates_with_torch(name, kw, direction):
+def assert_state_dict_interoperates(ms_cls, torch_cls, kw, direction, steps, resume_at):
+    """A checkpoint of one library's optimizer (torch.save, loaded with weights_only=True) loads
+    into the other's, built with other hyperparameters: the saved ones and the state (torch's
+    keys, same tensors) arrive unchanged, both continue alike, and the run matches an
+    uninterrupted torch run."""
     init = make_init(SHAPES, seed=30)
-    grads = make_grads(SHAPES, 30, seed=31)
+    grads = make_grads(SHAPES, steps, seed=31)
     src_is_torch = direction == "torch_to_memstate"
     groups = lambda ps, lr: split_groups(ps, [(3, {}), (4, {"lr": lr / 2})])  # noqa: E731
-    # source trains 10 steps
+    torch_new = lambda g, **k: torch_cls(g, **(k if k.get("fused") else {"foreach": False, **k}))  # noqa: E731
     ps = leaves(init)
-    src = torch_opt(name, groups(ps, kw["lr"]), **kw) if src_is_torch else MS[name](groups(ps, kw["lr"]), **kw)
-    run(src, ps, grads[:10])
-    sd = src.state_dict()
+    src = (torch_new if src_is_torch else ms_cls)(groups(ps, kw["lr"]), **kw)
+    run(src, ps, grads[:resume_at])
     buf = io.BytesIO()
-    torch.save(sd, buf)  # through serialisation, as a checkpoint would
+    torch.save(src.state_dict(), buf)  # through serialisation, as a checkpoint would
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    # destination: fresh optimizer (other hyperparameters: load must restore the saved ones)
+    # destination: a fresh optimizer with other hyperparameters (load restores the saved ones)
     pd = leaves([p.detach() for p in ps])
     wrong = dict(kw, lr=kw["lr"] * 7)
-    dst_cls = MS[name] if src_is_torch else (lambda g, **k: torch_opt(name, g, **k))
-    dst = dst_cls(groups(pd, wrong["lr"]), **wrong)
+    dst = (ms_cls if src_is_torch else torch_new)(groups(pd, wrong["lr"]), **wrong)
     dst.load_state_dict(loaded)
     if not src_is_torch:
         for g in dst.param_groups:
             g["foreach"] = False  # the memstate dict has no 'foreach'; keep torch's reference path
     assert [g["lr"] for g in dst.param_groups] == [kw["lr"], kw["lr"] / 2]
-    # the state (torch's keys) arrived unchanged
     assert _torch_state_keys(dst, pd) == _torch_state_keys(src, ps)
     ss, ds = state_tensors(src), state_tensors(dst)
     assert ss.keys() == ds.keys()
     for k in ss:
         assert ss[k].dtype == ds[k].dtype and torch.equal(ss[k], ds[k]), k
     # both continue: the destination keeps training where the source left off
-    run(src, ps, grads[10:])
-    run(dst, pd, grads[10:])
+    run(src, ps, grads[resume_at:])
+    run(dst, pd, grads[resume_at:])
     if src_is_torch:
         assert_close_to_torch(pd, dst, ps, src, RTOL32, ATOL32, direction)
     else:
         assert_close_to_torch(ps, src, pd, dst, RTOL32, ATOL32, direction)
-    # and the run matches an uninterrupted torch run
     pr = leaves(init)
-    ref = run(torch_opt(name, groups(pr, kw["lr"]), **kw), pr, grads)
+    ref = run(torch_new(groups(pr, kw["lr"]), **kw), pr, grads)
     assert_close_to_torch(pd, dst, pr, ref, RTOL32, ATOL32, "vs uninterrupted")
+
+
+@pytest.mark.parametrize("name, kw", STATE_CASES, ids=[f"{n}-{combo_id(k)}" for n, k in STATE_CASES])
+@pytest.mark.parametrize("direction", ["torch_to_memstate", "memstate_to_torch"])
+def test_state_dict_interoperates_with_torch(name, kw, direction):
+    assert_state_dict_interoperates(MS[name], TORCH[name], kw, direction, steps=30, resume_at=10)
 
 
 @pytest.mark.parametrize("name, kw", STATE_CASES, ids=[f"{n}-{combo_id(k)}" for n, k in STATE_CASES])
@@ -888,13 +892,14 @@ def _det_run(name, hp, init, grads):
     return snap
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("name, hp", DET_CASES, ids=[f"{n}-{combo_id(h)}" for n, h in DET_CASES])
-def test_bitwise_deterministic_across_runs_threads_chunks_and_isas(name, hp, dtype, threads):
+def assert_deterministic_everywhere(name, hp, dtype, shapes, threads):
+    """Every thread count, chunk size and CPU ISA gives the bits of a one-thread scalar run:
+    parameters, state, in-pass fingerprints (checked against memstate.fingerprint by _det_run)
+    and the state fingerprint. ``threads``: the conftest fixture that sets torch's threads."""
     C = _ext.load()
     isas = C.build_info()["cpu_isas"].split(",")
-    init = make_init(DET_SHAPES, dtype, seed=90)
-    grads = make_grads(DET_SHAPES, 3, dtype, seed=91)
+    init = make_init(shapes, dtype, seed=90)
+    grads = make_grads(shapes, 3, dtype, seed=91)
     chunk_before = C.optim_chunk_elems()
     try:
         threads(1)
@@ -920,8 +925,15 @@ def test_bitwise_deterministic_across_runs_threads_chunks_and_isas(name, hp, dty
     finally:
         C.set_optim_chunk_elems(chunk_before)
         C.set_cpu_isa("auto")
-    # the runs did move the parameters (so "equal" is not "untouched")
-    assert not torch.equal(base["params"][0], init[0])
+    # the runs did move the parameters (so "equal" is not "untouched"): the largest one at least
+    big = max(range(len(init)), key=lambda k: init[k].numel())
+    assert not torch.equal(base["params"][big], init[big])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("name, hp", DET_CASES, ids=[f"{n}-{combo_id(h)}" for n, h in DET_CASES])
+def test_bitwise_deterministic_across_runs_threads_chunks_and_isas(name, hp, dtype, threads):
+    assert_deterministic_everywhere(name, hp, dtype, DET_SHAPES, threads)
 
 
 def test_optim_chunk_knob_checks_its_argument():
@@ -1280,6 +1292,26 @@ def _assert_cpu_equals_cuda(pc, oc, pg, og, what):
     assert memstate.fingerprint_state(oc).digest == memstate.fingerprint_state(og).digest, what
 
 
+def assert_cuda_equals_cpu_for_every_chunk_size(cls, hp, shapes):
+    """CPU and CUDA steps of ``cls`` give the same bits (parameters, state, in-pass and state
+    fingerprints) for work items from 8 elements (many per tensor) to 1M, over two groups."""
+    C = _ext.load()
+    before = C.optim_chunk_elems()
+    groups = lambda ps: split_groups(ps, [(3, {}), (len(ps) - 3, {"lr": hp["lr"] / 2})])  # noqa: E731
+    try:
+        for chunk in (8, 64, 1000, 16384, 1 << 20):
+            C.set_optim_chunk_elems(chunk)
+            init = make_init(shapes, seed=210)
+            grads = make_grads(shapes, 3, seed=211)
+            pc, pg = leaves(init), leaves(init, "cuda")
+            oc, og = cls(groups(pc), fingerprint=True, **hp), cls(groups(pg), fingerprint=True, **hp)
+            run(oc, pc, grads)
+            run(og, pg, grads)
+            _assert_cpu_equals_cuda(pc, oc, pg, og, f"chunk {chunk}")
+    finally:
+        C.set_optim_chunk_elems(before)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name, hp", CUDA_CASES, ids=[f"{n}-{combo_id(h)}" for n, h in CUDA_CASES])
@@ -1299,17 +1331,7 @@ def test_cuda_equals_cpu_bitwise_for_100_steps(name, hp, dtype):
 @pytest.mark.parametrize("name, hp", [CUDA_CASES[1], CUDA_CASES[3], CUDA_CASES[5]],
                          ids=[f"{n}-{combo_id(h)}" for n, h in (CUDA_CASES[1], CUDA_CASES[3], CUDA_CASES[5])])
 def test_cuda_equals_cpu_for_every_chunk_size(name, hp):
-    C = _ext.load()
-    before = C.optim_chunk_elems()
-    try:
-        for chunk in (8, 64, 16384, 1 << 20):
-            C.set_optim_chunk_elems(chunk)
-            _, grads, pc, oc, pg, og = _cuda_pair(name, hp, torch.float32, CUDA_SHAPES, 3, seed=210)
-            run(oc, pc, grads)
-            run(og, pg, grads)
-            _assert_cpu_equals_cuda(pc, oc, pg, og, f"chunk {chunk}")
-    finally:
-        C.set_optim_chunk_elems(before)
+    assert_cuda_equals_cpu_for_every_chunk_size(MS[name], hp, CUDA_SHAPES)
 
 
 @pytest.mark.cuda

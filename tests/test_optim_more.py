@@ -4,7 +4,6 @@ element math bit for bit on every storage dtype, bitwise determinism across thre
 sizes / ISAs, in-pass fingerprints, state_dict round trips and cross-loading with torch, and
 CPU == CUDA (marked cuda)."""
 import inspect
-import io
 import itertools
 
 import numpy as np
@@ -13,10 +12,11 @@ import torch
 
 import memstate.optim as mo
 from memstate import _ext
-from test_optim import (ATOL32, RTOL32, SHAPES, _assert_cpu_equals_cuda, _det_run, assert_bitwise_same,
-                        assert_resume_is_bitwise, assert_steps_equal_reference,
-                        assert_close_to_torch, combo_id, leaves, make_grads, make_init, run, set_grads,
-                        snapshot, split_groups, state_tensors)
+from test_optim import (ATOL32, RTOL32, SHAPES, assert_bitwise_same, assert_close_to_torch, _assert_cpu_equals_cuda,
+                        assert_cuda_equals_cpu_for_every_chunk_size, assert_deterministic_everywhere,
+                        assert_resume_is_bitwise, assert_state_dict_interoperates, assert_steps_equal_reference,
+                        combo_id, _det_run, leaves, make_grads, make_init, run, set_grads, snapshot, split_groups,
+                        state_tensors)
 
 MS = {"RMSprop": mo.RMSprop, "Adagrad": mo.Adagrad, "Lion": mo.Lion}
 TORCH = {"RMSprop": torch.optim.RMSprop, "Adagrad": torch.optim.Adagrad}
@@ -391,31 +391,7 @@ DET_CASES = [
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("name, hp", DET_CASES, ids=_ids(DET_CASES))
 def test_bitwise_deterministic_across_runs_threads_chunks_and_isas(name, hp, dtype, threads):
-    C = _ext.load()
-    isas = C.build_info()["cpu_isas"].split(",")
-    init = make_init(DET_SHAPES, dtype, seed=90)
-    grads = make_grads(DET_SHAPES, 3, dtype, seed=91)
-    chunk_before = C.optim_chunk_elems()
-    try:
-        threads(1)
-        C.set_cpu_isa("scalar")
-        base = _det_run(name, hp, init, grads)
-        assert_bitwise_same(base, _det_run(name, hp, init, grads), "rerun")
-        for n_threads, chunks in ((1, (8, 64, 16384, 1 << 20)), (2, (8, 16384))):
-            threads(n_threads)
-            for chunk in chunks:
-                C.set_optim_chunk_elems(chunk)
-                for isa in isas:
-                    C.set_cpu_isa(isa)
-                    got = _det_run(name, hp, init, grads)
-                    what = f"threads={n_threads} chunk={chunk} isa={isa}"
-                    assert_bitwise_same(base, got, what)
-                    assert got["in_pass"] == base["in_pass"], what
-                    assert got["state_fp"].digest == base["state_fp"].digest, what
-    finally:
-        C.set_optim_chunk_elems(chunk_before)
-        C.set_cpu_isa("auto")
-    assert not torch.equal(base["params"][-1], init[-1])
+    assert_deterministic_everywhere(name, hp, dtype, DET_SHAPES, threads)
 
 
 def test_in_pass_fingerprints_detect_a_changed_update():
@@ -447,36 +423,7 @@ STATE_CASES = [
 @pytest.mark.parametrize("name, kw", STATE_CASES, ids=_ids(STATE_CASES))
 @pytest.mark.parametrize("direction", ["torch_to_memstate", "memstate_to_torch"])
 def test_state_dict_interoperates_with_torch(name, kw, direction):
-    init = make_init(SHAPES, seed=30)
-    grads = make_grads(SHAPES, 16, seed=31)
-    src_is_torch = direction == "torch_to_memstate"
-    groups = lambda ps, lr: split_groups(ps, [(3, {}), (4, {"lr": lr / 2})])  # noqa: E731
-    ps = leaves(init)
-    src = torch_opt(name, groups(ps, kw["lr"]), **kw) if src_is_torch else MS[name](groups(ps, kw["lr"]), **kw)
-    run(src, ps, grads[:8])
-    buf = io.BytesIO()
-    torch.save(src.state_dict(), buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
-    pd = leaves([p.detach() for p in ps])
-    wrong = dict(kw, lr=kw["lr"] * 7)
-    dst = MS[name](groups(pd, wrong["lr"]), **wrong) if src_is_torch else torch_opt(name, groups(pd, wrong["lr"]),
-                                                                                      **wrong)
-    dst.load_state_dict(loaded)
-    if not src_is_torch:
-        for g in dst.param_groups:
-            g["foreach"] = False
-    assert [g["lr"] for g in dst.param_groups] == [kw["lr"], kw["lr"] / 2]
-    ss, ds = state_tensors(src), state_tensors(dst)
-    assert ss.keys() == ds.keys()
-    for k in ss:
-        assert ss[k].dtype == ds[k].dtype and torch.equal(ss[k], ds[k]), k
-    run(src, ps, grads[8:])
-    run(dst, pd, grads[8:])
-    if src_is_torch:
-        assert_close_to_torch(pd, dst, ps, src, RTOL32, ATOL32, direction)
-    else:
-        assert_close_to_torch(ps, src, pd, dst, RTOL32, ATOL32, direction)
+    assert_state_dict_interoperates(MS[name], TORCH[name], kw, direction, steps=16, resume_at=8)
 
 
 @pytest.mark.parametrize("name, kw", STATE_CASES + [("Lion", dict(lr=1e-3, weight_decay=0.1))],
@@ -541,23 +488,7 @@ def test_cuda_equals_cpu_bitwise(name, hp, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name, hp", CUDA_CASES[:4], ids=_ids(CUDA_CASES[:4]))
 def test_cuda_equals_cpu_for_every_chunk_size(name, hp):
-    C = _ext.load()
-    before = C.optim_chunk_elems()
-    try:
-        for chunk in (8, 1000, 16384, 1 << 20):
-            C.set_optim_chunk_elems(chunk)
-            init = make_init(CUDA_SHAPES, seed=210)
-            grads = make_grads(CUDA_SHAPES, 3, seed=211)
-            pc, pg = leaves(init), leaves(init, "cuda")
-            oc, og = MS[name](pc, fingerprint=True, **hp), MS[name](pg, fingerprint=True, **hp)
-            for g in grads:
-                set_grads(pc, g)
-                set_grads(pg, g)
-                oc.step()
-                og.step()
-            _assert_cpu_equals_cuda(pc, oc, pg, og, f"chunk {chunk}")
-    finally:
-        C.set_optim_chunk_elems(before)
+    assert_cuda_equals_cpu_for_every_chunk_size(MS[name], hp, CUDA_SHAPES)
 
 
 @pytest.mark.cuda
