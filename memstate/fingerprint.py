@@ -96,7 +96,10 @@ _set_lanes = _LANES_SLOT.__set__  # the slot's own setter: skips __setattr__
 def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
     """int64 [..., 2] rows of msfp1 lanes (uint64 bit patterns), on any device -> one Fingerprint
     per row, built in one native loop (memstate._C.fingerprints_from_rows)."""
-    host = rows.detach().reshape(-1, 2).cpu().contiguous().numpy()
+    rows = rows.detach()
+    if rows.device.type != "cpu":  # rows already fetched (a step's batched fetch) are not touched again
+        rows = rows.cpu()
+    host = rows.reshape(-1, 2).contiguous().numpy()
     return _ext.load().fingerprints_from_rows(host, Fingerprint, _LANES_SLOT)
 
 
