@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -16,8 +17,19 @@ namespace memstate {
 // A named tensor list argument of an op, for checks whose errors name "arg[index]".
 using NamedList = std::pair<const char*, at::TensorList>;
 
+// Bytes of its storage a non-empty strided tensor reaches: up to its last element.
+inline int64_t storage_bytes_needed(const at::Tensor& t) {
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  if (t.is_contiguous()) return (t.storage_offset() + t.numel()) * item;
+  int64_t last = t.storage_offset();
+  const c10::IntArrayRef sizes = t.sizes(), strides = t.strides();
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * std::abs(strides[d]);
+  return (last + 1) * item;
+}
+
 // The device of the first tensor over `lists` (in order), after checking that every tensor of
-// every list is dense, strided, not a meta tensor and on that device. Errors name the argument
+// every list is dense, strided, not a meta tensor, has the storage memory its elements need
+// and is on that device. Errors name the argument
 // and index of the first offender, and the first tensor's. Returns false (and leaves `device`)
 // when every list is empty. Runs before any device guard, so a CPU tensor in a CUDA call fails
 // here, with a message, and not deep inside CUDAGuard.
@@ -33,6 +45,12 @@ inline bool common_device(const char* op, std::initializer_list<NamedList> lists
                   t.layout(), "; only dense strided tensors are supported");
       TORCH_CHECK(!t.is_meta(), "memstate.", op, ": ", name, "[", i,
                   "] is a meta tensor; it has no data to read or write");
+      if (t.has_storage() && t.numel() > 0) {  // a freed or shrunk storage (e.g. resize_(0)): no memory to touch
+        const int64_t need = storage_bytes_needed(t);
+        TORCH_CHECK(static_cast<int64_t>(t.storage().nbytes()) >= need, "memstate.", op, ": ", name, "[", i,
+                    "] needs ", need, " bytes of storage but its storage holds ", t.storage().nbytes(),
+                    " (was it freed or resized?)");
+      }
       if (first_name == nullptr) {
         first_name = name;
         first_index = i;

@@ -488,6 +488,51 @@ def test_fingerprint_many_names_the_offender_in_a_long_list():
         [ref_fp(torch.ones(3)), ref_fp(torch.zeros(2))]
 
 
+_FREED_STORAGE = """
+import torch, memstate
+from memstate import _ext
+ops = _ext.ops()
+def freed(shape, view=None):
+    t = torch.randn(*shape)
+    v = t if view is None else view(t)
+    t.untyped_storage().resize_(0)
+    return v
+calls = {
+    "fingerprint": lambda: memstate.fingerprint(freed([1_000_000])),
+    "fingerprint_many": lambda: memstate.fingerprint_many([torch.ones(3), freed([100, 100], lambda t: t[:, 1:])]),
+    "op": lambda: ops.fingerprint([freed([10])]),
+    "copy_fingerprint": lambda: ops.copy_fingerprint([freed([10])], [torch.empty(40, dtype=torch.uint8)], True),
+}
+def step():
+    p = torch.nn.Parameter(torch.randn(100))
+    p.grad = freed([100])
+    memstate.optim.AdamW([p]).step()
+calls["adamw"] = step
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "NO ERROR")
+    except RuntimeError as e:
+        print(name, str(e).splitlines()[0])
+"""
+
+
+def test_tensors_whose_storage_was_freed_are_refused_not_read():
+    # a storage resized to 0 (as FSDP does to free parameters) left a tensor whose elements point
+    # at no memory: the ops read through the null pointer and crashed the process
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _FREED_STORAGE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
+    assert set(lines) == {"fingerprint", "fingerprint_many", "op", "copy_fingerprint", "adamw"}
+    assert lines["fingerprint"].endswith("tensors[0] needs 4000000 bytes of storage but its storage holds 0 "
+                                         "(was it freed or resized?)")
+    assert "tensors[1] needs 40000 bytes" in lines["fingerprint_many"]
+    assert "memstate.copy_fingerprint: src[0] needs 40 bytes" in lines["copy_fingerprint"]
+    assert "memstate.adam_step: grads[0] needs 400 bytes" in lines["adamw"]
+
+
 def test_opcheck_fingerprint_ops_with_inputs_requiring_grad():
     from torch.library import opcheck
 
