@@ -119,6 +119,9 @@ void msfp1_copy_accumulate(const unsigned char* src, unsigned char* dst, uint64_
                            uint64_t& s0, uint64_t& s1, bool stream);
 // rows[2i], rows[2i + 1] := the finalised lanes F_0, F_1 of sums over nbytes[i] bytes.
 void msfp1_finalize_rows(uint64_t* rows, const int64_t* nbytes, int64_t n);
+// The CPU kernel of torch.ops.memstate.fingerprint (int64 [N, 2] finalised lanes); also called
+// directly by memstate._C.fingerprint_many_cpu (cpu/fingerprint_many.cpp) for plain CPU tensors.
+at::Tensor fingerprint_rows_cpu(at::TensorList tensors);
 
 }  // namespace cpu
 

@@ -1,7 +1,8 @@
 // Every memstate op schema, in one place. Device implementations live in cpu/*_cpu.cpp and
 // cuda/*_cuda.cpp (one TORCH_LIBRARY_IMPL per device file). PYBIND11_MODULE exposes build
-// information, test knobs, the pybind11 binding of CopyPlan (csrc/copy_plan.h) and the
-// Fingerprint-object builder (cpu/fingerprint_py.cpp).
+// information, test knobs, the pybind11 binding of CopyPlan (csrc/copy_plan.h), the
+// Fingerprint-object builder (cpu/fingerprint_py.cpp) and fingerprint_many's direct CPU path
+// (cpu/fingerprint_many.cpp).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -300,6 +301,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "memstate native core: ops are registered as torch.ops.memstate.*";
   memstate::bind_copy_plan(m);  // memstate._C.CopyPlan (copy_plan.h)
   memstate::bind_fingerprint_rows(m);  // memstate._C.fingerprints_from_rows (cpu/kernels.h)
+  memstate::bind_fingerprint_many(m);  // memstate._C.fingerprint_many_cpu (cpu/kernels.h)
   m.def("build_info", &build_info, "How this extension was built.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "

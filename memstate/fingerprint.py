@@ -33,17 +33,21 @@ STATE_DIGEST_MAGIC = b"memstate.state.msfp1.v1\0"
 class Fingerprint:
     """An immutable msfp1 fingerprint: two 64-bit lanes.
 
-    ``hex()`` gives 32 lowercase hex digits (lane 0 then lane 1); ``lanes`` the two ints.
+    ``hex()`` gives 32 lowercase hex digits (lane 0 then lane 1); ``lanes`` the two ints;
+    ``to_bytes()`` the 16-byte form (each lane little-endian), which ``from_bytes`` reads back.
     Equal fingerprints compare equal and hash alike, so they work as dict keys and in sets.
     """
 
-    __slots__ = ("_lanes",)
+    # The 16-byte form is the whole state: one bytes object per fingerprint, which the native
+    # builders (memstate._C.fingerprints_from_rows / fingerprint_many_cpu) copy straight from
+    # the kernels' lane rows.
+    __slots__ = ("_raw",)
 
     def __init__(self, lane0: int, lane1: int):
         for i, v in enumerate((lane0, lane1)):
             if not isinstance(v, int) or not 0 <= v <= _M64:
                 raise ValueError(f"Fingerprint lane {i} must be an int in [0, 2^64), got {v!r}")
-        object.__setattr__(self, "_lanes", (lane0, lane1))
+        object.__setattr__(self, "_raw", _PAIR.pack(lane0, lane1))
 
     def __setattr__(self, name, value):
         raise AttributeError("Fingerprint is immutable")
@@ -52,7 +56,16 @@ class Fingerprint:
     def _from_lanes(cls, lane0: int, lane1: int) -> "Fingerprint":
         """Trusted constructor for lanes already known to be in [0, 2^64) (hot paths)."""
         fp = _new(cls)
-        _set_lanes(fp, (lane0, lane1))
+        _set_raw(fp, _PAIR.pack(lane0, lane1))
+        return fp
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Fingerprint":
+        """Reads the 16-byte form produced by ``to_bytes()``."""
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != 16:
+            raise ValueError(f"a msfp1 fingerprint is 16 bytes, got {data!r}")
+        fp = _new(cls)
+        _set_raw(fp, bytes(data))
         return fp
 
     @classmethod
@@ -67,20 +80,24 @@ class Fingerprint:
 
     @property
     def lanes(self) -> Tuple[int, int]:
-        return self._lanes
+        return _PAIR.unpack(self._raw)
 
     def hex(self) -> str:
-        return f"{self._lanes[0]:016x}{self._lanes[1]:016x}"
+        raw = self._raw
+        return raw[7::-1].hex() + raw[:7:-1].hex()  # each lane's bytes, most significant first
 
     def to_bytes(self) -> bytes:
         """16 bytes: lane 0 then lane 1, each little-endian."""
-        return struct.pack("<QQ", *self._lanes)
+        return self._raw
 
     def __eq__(self, other):
-        return isinstance(other, Fingerprint) and self._lanes == other._lanes
+        return isinstance(other, Fingerprint) and self._raw == other._raw
 
     def __hash__(self):
-        return hash(("msfp1",) + self._lanes)
+        return hash(self._raw)
+
+    def __reduce__(self):  # copy, deepcopy and pickle (immutable: rebuilt, not set slot by slot)
+        return (type(self).from_bytes, (self._raw,))
 
     def __repr__(self):
         return f"Fingerprint('{self.hex()}')"
@@ -88,9 +105,10 @@ class Fingerprint:
     __str__ = hex
 
 
+_PAIR = struct.Struct("<QQ")
 _new = object.__new__
-_LANES_SLOT = Fingerprint.__dict__["_lanes"]
-_set_lanes = _LANES_SLOT.__set__  # the slot's own setter: skips __setattr__
+_RAW_SLOT = Fingerprint.__dict__["_raw"]
+_set_raw = _RAW_SLOT.__set__  # the slot's own setter: skips __setattr__
 
 
 def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
@@ -100,7 +118,7 @@ def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
     if rows.device.type != "cpu":  # rows already fetched (a step's batched fetch) are not touched again
         rows = rows.cpu()
     host = rows.reshape(-1, 2).contiguous().numpy()
-    return _ext.load().fingerprints_from_rows(host, Fingerprint, _LANES_SLOT)
+    return _ext.load().fingerprints_from_rows(host, Fingerprint, _RAW_SLOT)
 
 
 def _check_tensor(t, name: str) -> torch.Tensor:
@@ -145,9 +163,13 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
     names = list(names) if names is not None else None
     if not tensors:
         return []
-    rows = _one_call_rows(tensors) if names is None or len(names) == len(tensors) else None
-    if rows is not None:
-        return _from_rows(rows)
+    if names is None or len(names) == len(tensors):
+        out = _ext.load().fingerprint_many_cpu(tensors, Fingerprint, _RAW_SLOT)  # None: not all plain CPU
+        if out is not None:
+            return out
+        rows = _one_call_rows(tensors)
+        if rows is not None:
+            return _from_rows(rows)
     names = names if names is not None else [f"tensors[{i}]" for i in range(len(tensors))]
     checked = [_check_tensor(t, n) for t, n in zip(tensors, names)]
     out: List[Fingerprint] = [None] * len(checked)  # type: ignore[list-item]

@@ -82,7 +82,7 @@ def test_fingerprint_object():
     assert h == f"{a.lanes[0]:016x}{a.lanes[1]:016x}"
     assert memstate.Fingerprint.fromhex(h) == a
     with pytest.raises(AttributeError):
-        a._lanes = (0, 0)
+        a._raw = bytes(16)
     with pytest.raises(ValueError):
         memstate.Fingerprint.fromhex("xyz")
 
@@ -103,11 +103,11 @@ def test_fingerprint_objects_built_natively_from_rows():
     assert [f.lanes for f in got] == [tuple(map(int, r)) for r in lanes]
     assert len({*got, *want}) == len(want)  # hash alike
     with pytest.raises(AttributeError):
-        got[0]._lanes = (0, 0)  # still immutable
+        got[0]._raw = bytes(16)  # still immutable
     assert _from_rows(rows[:255].reshape(85, 3, 2)) == want[:255]  # [N, roles, 2]
     assert _from_rows(torch.zeros(0, 2, dtype=torch.int64)) == []
     C = _ext.load()
-    slot = memstate.Fingerprint.__dict__["_lanes"]
+    slot = memstate.Fingerprint.__dict__["_raw"]
     with pytest.raises(TypeError, match="8-byte integers.*'d'"):
         C.fingerprints_from_rows(np.zeros((2, 2)), memstate.Fingerprint, slot)
     with pytest.raises(ValueError, match=r"shape \[N, 2\]"):
@@ -486,6 +486,90 @@ def test_fingerprint_many_names_the_offender_in_a_long_list():
     assert memstate.fingerprint_many([]) == []
     assert memstate.fingerprint_many(iter([torch.ones(3), torch.zeros(2)]), iter(["a", "b"])) == \
         [ref_fp(torch.ones(3)), ref_fp(torch.zeros(2))]
+
+
+def _direct(ts):
+    from memstate.fingerprint import _RAW_SLOT
+
+    return _ext.load().fingerprint_many_cpu(ts, memstate.Fingerprint, _RAW_SLOT)
+
+
+def test_fingerprint_many_direct_path_equals_the_op_and_the_reference():
+    # fingerprint_many's one native call for plain CPU tensors (memstate._C.fingerprint_many_cpu)
+    # reads the tensors through their Python objects and skips the dispatcher: every plain kind
+    # of tensor must give the op's and the numpy reference's fingerprints
+    from memstate.fingerprint import _from_rows
+
+    gen = torch.Generator().manual_seed(21)
+    base = torch.randn(50, generator=gen)
+    ts = [torch.randn(5, generator=gen), torch.nn.Parameter(torch.randn(3, 4, generator=gen)), torch.zeros(0),
+          torch.tensor(3.5), torch.arange(7, dtype=torch.uint8), torch.randn(4, 4, generator=gen).t(), base[3:17],
+          base[::3], torch.randn(3, generator=gen).to(torch.bfloat16), torch.tensor([True, False]),
+          torch.randn(2, 3, dtype=torch.complex64, generator=gen), torch.randn(4, requires_grad=True)]
+    with torch.inference_mode():
+        ts.append(torch.randn(6, generator=gen))
+    want = [ref_fp(t.detach().contiguous()) for t in ts]
+    got = _direct(ts)
+    assert got is not None and got == want
+    assert [type(f) for f in got] == [memstate.Fingerprint] * len(ts)
+    assert not any(gc.is_tracked(f) for f in got)  # hold only bytes: no cycles possible
+    assert memstate.fingerprint_many(ts) == want == _from_rows(_ext.ops().fingerprint(ts))
+    assert _direct([]) == []
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_fingerprint_many_direct_path_declines_what_the_dispatcher_must_see():
+    # a subclass, a lazy conjugate or negative view, a meta tensor, a non-tensor or an active
+    # Python mode: the direct path answers None and fingerprint_many calls the op (or names the
+    # offender) as before
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    plain = torch.randn(5)
+    z = torch.randn(4, dtype=torch.complex64)
+    for bad in (torch.randn(3).as_subclass(_Sub), z.conj(), z.conj().imag, torch.empty(2, device="meta"), "x", None):
+        assert _direct([plain, bad]) is None, bad
+    sub = torch.arange(6.0).as_subclass(_Sub)
+    assert memstate.fingerprint_many([plain, sub, z.conj()]) == [
+        ref_fp(plain), ref_fp(torch.arange(6.0)), ref_fp(z.conj().resolve_conj())]
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        assert _direct([plain]) is None
+        assert memstate.fingerprint_many([plain]) == [ref_fp(plain)]
+    assert any("memstate.fingerprint" in f for f in seen), seen  # the mode saw the op
+
+    with TorchFunctionMode():
+        assert _direct([plain]) is None
+    assert _direct([plain]) == [ref_fp(plain)]
+
+
+def test_fingerprint_bytes_form_round_trips():
+    gen = np.random.default_rng(8)
+    for a, b in [(0, 0), (2**64 - 1, 1), *gen.integers(0, 2**64, size=(20, 2), dtype=np.uint64).tolist()]:
+        fp = memstate.Fingerprint(int(a), int(b))
+        raw = fp.to_bytes()
+        assert raw == int(a).to_bytes(8, "little") + int(b).to_bytes(8, "little")
+        assert memstate.Fingerprint.from_bytes(raw) == fp == memstate.Fingerprint.from_bytes(bytearray(raw))
+        assert fp.hex() == f"{int(a):016x}{int(b):016x}" and fp.lanes == (int(a), int(b))
+        assert memstate.Fingerprint.fromhex(fp.hex()) == fp and hash(memstate.Fingerprint.fromhex(fp.hex())) == hash(fp)
+    for bad in (b"x" * 15, b"x" * 17, "0" * 16, 5):
+        with pytest.raises(ValueError, match="16 bytes"):
+            memstate.Fingerprint.from_bytes(bad)
+    import copy
+    import pickle
+
+    fp = memstate.fingerprint(torch.arange(9))
+    assert pickle.loads(pickle.dumps(fp)) == fp and copy.deepcopy(fp) == fp and fp != fp.to_bytes()
 
 
 _FREED_STORAGE = """

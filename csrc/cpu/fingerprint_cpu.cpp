@@ -85,12 +85,6 @@ at::Tensor fingerprint_sums_cpu(at::TensorList tensors, at::IntArrayRef first_pa
   return msfp1_rows(src, checked_first_pairs(first_pairs, tensors.size(), "fingerprint_sums").data(), false);
 }
 
-at::Tensor fingerprint_cpu(at::TensorList tensors) {
-  c10::Device device(c10::kCPU);
-  common_device("fingerprint", {{"tensors", tensors}}, device);
-  return msfp1_rows(SourceBytes(tensors, "fingerprint", device), nullptr, true);
-}
-
 at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fingerprint) {
   c10::Device device(c10::kCPU);
   common_device("copy_fingerprint", {{"src", src}, {"dst", dst}}, device);
@@ -103,6 +97,12 @@ at::Tensor copy_fingerprint_cpu(at::TensorList src, at::TensorList dst, bool fin
 }
 
 }  // namespace
+
+at::Tensor fingerprint_rows_cpu(at::TensorList tensors) {
+  c10::Device device(c10::kCPU);
+  common_device("fingerprint", {{"tensors", tensors}}, device);
+  return msfp1_rows(SourceBytes(tensors, "fingerprint", device), nullptr, true);
+}
 
 // Copies of at least this many bytes in all use non-temporal stores (as memcpy does for large
 // copies): the destination is not read first and does not evict the cache.
@@ -173,7 +173,7 @@ void set_fingerprint_chunk_bytes(int64_t bytes) {
 }  // namespace memstate
 
 TORCH_LIBRARY_IMPL(memstate, CPU, m) {
-  m.impl("fingerprint", &memstate::cpu::fingerprint_cpu);
+  m.impl("fingerprint", &memstate::cpu::fingerprint_rows_cpu);
   m.impl("fingerprint_sums", &memstate::cpu::fingerprint_sums_cpu);
   m.impl("copy_fingerprint", &memstate::cpu::copy_fingerprint_cpu);
 }

@@ -116,7 +116,7 @@ def _in_pass_lanes(opt: Any) -> Dict[int, Dict[str, Tuple[int, int]]]:
     ``Fingerprint`` objects ``opt.fingerprints(p)`` would; the pending rows are left in place,
     so ``opt.fingerprints()`` still works afterwards. Mirrors ``FusedOptimizer._materialise``."""
     out: Dict[int, Dict[str, Tuple[int, int]]] = {
-        pid: {role: fp._lanes for role, fp in fps.items()} for pid, fps in opt._fingerprints.items()}
+        pid: {role: fp.lanes for role, fp in fps.items()} for pid, fps in opt._fingerprints.items()}
     for bucket, roles, rows in opt._pending:
         for p, per_role in zip(bucket, rows.cpu().tolist()):
             out.setdefault(id(p), {}).update({role: (a & _M64, b & _M64) for role, (a, b) in zip(roles, per_role)})
@@ -162,7 +162,7 @@ def _fingerprint_lanes(tensors: List[torch.Tensor], names: List[str]) -> List[Tu
     try:
         return _native_lanes(tensors)
     except (RuntimeError, TypeError, ValueError):
-        return [fp._lanes for fp in fingerprint_many(tensors, names)]
+        return [fp.lanes for fp in fingerprint_many(tensors, names)]
 
 
 # ------------------------------------------------------------------------------- header
@@ -594,8 +594,7 @@ class StepRow:
         raw = self.fingerprints[16 * index:16 * index + 16]
         if len(raw) < 16 or raw == ABSENT:
             return None
-        a, b = struct.unpack("<QQ", raw)
-        return Fingerprint._from_lanes(a, b)
+        return Fingerprint.from_bytes(raw)
 
 
 class TrailReader:
