@@ -413,7 +413,8 @@ class StepPlan : public torch::CustomClassHolder {
   // it had at build time (`p.data = other`, a resized storage or a copy-on-write clone fail
   // here), every parameter its shape and autograd meta, every step counter is a finite count
   // >= 0, and every gradient is defined, dense, the parameter's dtype, shape and device,
-  // contiguous and overlaps no tensor the pass writes.
+  // contiguous, within its storage's bytes and overlaps no tensor the pass writes. (A held
+  // tensor's storage cannot shrink unnoticed: resizing a storage moves its data pointer.)
   //
   // The checks chase pointers through thousands of small objects (tensor -> storage -> data,
   // parameter -> autograd meta -> gradient -> storage). One pass over the parameters keeps a
@@ -493,6 +494,10 @@ class StepPlan : public torch::CustomClassHolder {
       if (gs == nullptr) return false;
       const void* gd = data_of(g, gs, itemsize);
       if (gd == nullptr && hs[0].numel > 0) return false;
+      // a storage freed or shrunk under the gradient (resize_): no memory for its elements
+      if (static_cast<int64_t>(gs->nbytes()) < (g->storage_offset() + hs[0].numel) * static_cast<int64_t>(itemsize)) {
+        return false;
+      }
       const auto gb = reinterpret_cast<uintptr_t>(gd);
       const uintptr_t ge = gb + static_cast<uintptr_t>(hs[0].numel) * itemsize;
       if (ge > gb && (gb != pp.grad_begin || ge != pp.grad_end)) {

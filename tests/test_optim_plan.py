@@ -542,6 +542,31 @@ def test_bad_gradients_are_refused_by_the_plan(name):
 
 
 @pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("what", ["grad", "state"])
+def test_storage_shrunk_under_a_planned_tensor_is_refused(name, what):
+    """A gradient or state buffer whose storage was shrunk (resize_, as FSDP frees memory) has
+    fewer bytes than its elements: the cached step must not read or write past them. The plan
+    refuses it; the full path names it; nothing is modified."""
+    ap, a, ca, bp, b, _ = opt_pair(name)
+    warm(ap, a, ca, bp, b)
+    set_grads(ap, 2)
+    before = [p.detach().clone() for p in ap]
+    state_before = {k: v.clone() for k, v in a.state[ap[1]].items() if torch.is_tensor(v)}
+    if what == "grad":
+        victim = ap[1].grad
+    else:
+        victim = next(v for k, v in a.state[ap[1]].items() if torch.is_tensor(v) and v.numel() > 1)
+    victim.untyped_storage().resize_(8)
+    with pytest.raises(RuntimeError, match=r"needs 60 bytes of storage but its storage holds 8"):
+        a.step()
+    assert ca.hits == 1  # the plan refused the step
+    assert all(torch.equal(p, q) for p, q in zip(ap, before))
+    for k, v in a.state[ap[1]].items():
+        if torch.is_tensor(v) and v is not victim:
+            assert torch.equal(v, state_before[k]), k
+
+
+@pytest.mark.parametrize("name", OPTS)
 def test_gradient_overlapping_a_written_tensor_is_refused(name):
     ap, a, ca, bp, b, _ = opt_pair(name)
     warm(ap, a, ca, bp, b)
