@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from hypothesis import given, settings, strategies as st
 
 import memstate
 from memstate import _ext
@@ -551,6 +552,58 @@ def test_fingerprint_many_direct_path_declines_what_the_dispatcher_must_see():
     with TorchFunctionMode():
         assert _direct([plain]) is None
     assert _direct([plain]) == [ref_fp(plain)]
+
+
+_KINDS = ["plain", "param", "slice", "strided", "transposed", "conj", "neg", "subclass", "inference", "scalar",
+          "empty", "requires_grad"]
+_FUZZ_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int8, torch.int64, torch.uint8, torch.bool,
+                torch.complex64]
+
+
+def _fuzz_tensor(kind, dtype, n, offset, seed):
+    gen = torch.Generator().manual_seed(seed)
+    base = random_tensor(n + offset + 8, dtype if kind not in ("conj", "neg") else torch.complex64, gen)
+    if kind == "param":
+        return torch.nn.Parameter(base[:n].clone(), requires_grad=dtype.is_floating_point or dtype.is_complex)
+    if kind == "slice":
+        return base[offset:offset + n]
+    if kind == "strided":
+        return base[offset::2]
+    if kind == "transposed":
+        return base[: (n // 2) * 2].reshape(2, -1).t() if n >= 2 else base[:n]
+    if kind == "conj":
+        return base[offset:offset + n].conj()
+    if kind == "neg":
+        return base[offset:offset + n].conj().imag
+    if kind == "subclass":
+        return base[:n].as_subclass(_Sub)
+    if kind == "inference":
+        with torch.inference_mode():
+            return base[:n].clone()
+    if kind == "scalar":
+        return base[offset].clone()
+    if kind == "empty":
+        return base[:0]
+    if kind == "requires_grad" and (dtype.is_floating_point or dtype.is_complex):
+        return base[:n].clone().requires_grad_()
+    return base[:n]
+
+
+@settings(max_examples=80, deadline=None)
+@given(items=st.lists(st.tuples(st.sampled_from(_KINDS), st.sampled_from(_FUZZ_DTYPES), st.integers(0, 3000),
+                                st.integers(0, 9), st.integers(0, 2**31 - 1)), min_size=1, max_size=12))
+def test_fingerprint_many_of_any_mix_equals_the_reference(items):
+    # whichever path a list takes (the direct one, the op, the checked per-device split), every
+    # tensor's fingerprint is the reference's of its logical row-major bytes
+    ts = [_fuzz_tensor(*item) for item in items]
+    plain = [t.detach().resolve_conj().resolve_neg().contiguous().as_subclass(torch.Tensor) for t in ts]
+    want = [ref_fp(t) for t in plain]
+    assert memstate.fingerprint_many(ts) == want
+    direct = _direct(ts)
+    assert direct is None or direct == want
+    if all(k in ("plain", "param", "slice", "strided", "transposed", "inference", "scalar", "empty", "requires_grad")
+           for k, *_ in items):
+        assert direct == want  # plain CPU tensors only: the direct path serves them
 
 
 def test_fingerprint_bytes_form_round_trips():
