@@ -626,22 +626,25 @@ def test_fingerprint_bytes_form_round_trips():
 
 
 _FREED_STORAGE = """
-import torch, memstate
+import sys, torch, memstate
 from memstate import _ext
 ops = _ext.ops()
+dev = sys.argv[1]
 def freed(shape, view=None):
-    t = torch.randn(*shape)
+    t = torch.randn(*shape, device=dev)
     v = t if view is None else view(t)
     t.untyped_storage().resize_(0)
     return v
 calls = {
     "fingerprint": lambda: memstate.fingerprint(freed([1_000_000])),
-    "fingerprint_many": lambda: memstate.fingerprint_many([torch.ones(3), freed([100, 100], lambda t: t[:, 1:])]),
+    "fingerprint_many": lambda: memstate.fingerprint_many([torch.ones(3, device=dev),
+                                                           freed([100, 100], lambda t: t[:, 1:])]),
     "op": lambda: ops.fingerprint([freed([10])]),
-    "copy_fingerprint": lambda: ops.copy_fingerprint([freed([10])], [torch.empty(40, dtype=torch.uint8)], True),
+    "copy_fingerprint": lambda: ops.copy_fingerprint([freed([10])], [torch.empty(40, dtype=torch.uint8, device=dev)],
+                                                     True),
 }
 def step():
-    p = torch.nn.Parameter(torch.randn(100))
+    p = torch.nn.Parameter(torch.randn(100, device=dev))
     p.grad = freed([100])
     memstate.optim.AdamW([p]).step()
 calls["adamw"] = step
@@ -654,12 +657,13 @@ for name, call in calls.items():
 """
 
 
-def test_tensors_whose_storage_was_freed_are_refused_not_read():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_tensors_whose_storage_was_freed_are_refused_not_read(device):
     # a storage resized to 0 (as FSDP does to free parameters) left a tensor whose elements point
     # at no memory: the ops read through the null pointer and crashed the process
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _FREED_STORAGE], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _FREED_STORAGE, device], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
     assert set(lines) == {"fingerprint", "fingerprint_many", "op", "copy_fingerprint", "adamw"}
