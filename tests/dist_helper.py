@@ -1,6 +1,7 @@
 """Runs a function on N gloo ranks in fresh processes (torch.multiprocessing, CPU), for the
 distributed tests. Each rank's return value comes back through a JSON file, so results must be
 JSON-serialisable; an exception on any rank fails the call with that rank's traceback."""
+import gc
 import json
 import os
 import socket
@@ -32,6 +33,13 @@ def _worker(rank, world, port, out_dir, fn, args):
             result = {"ok": fn(rank, world, *args)}
         finally:
             dist.destroy_process_group()
+            # Objects in reference cycles (a DDP model, a snapshot, an exception's traceback) can
+            # still hold the group; collected here, its destructor joins gloo's worker threads
+            # while the interpreter is alive. Left to interpreter exit, a worker thread that drops
+            # the last reference to a finished collective's tensor must take the GIL during
+            # finalisation and the rank dies of SIGABRT ("terminate called without an active
+            # exception") after its work is done and reported.
+            gc.collect()
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         result = {"error": traceback.format_exc()}
     with open(path, "w") as f:

@@ -37,6 +37,7 @@ configuration names; the card records the configured device.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import traceback
@@ -116,6 +117,11 @@ class Session:
 
         if self._owned and dist.is_initialized():
             dist.destroy_process_group()
+            # Objects in reference cycles may still hold the group; collecting them now runs its
+            # destructor, which joins gloo's worker threads while the interpreter is alive. A
+            # worker left running into interpreter exit can abort the process (SIGABRT) when it
+            # drops the last reference to a finished collective's tensor and needs the GIL.
+            gc.collect()
 
     def __enter__(self) -> "Session":
         return self
