@@ -7,6 +7,7 @@ with numpy's wrapping uint32/uint64 arithmetic; slow only in the sense of making
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import numpy as np
@@ -98,6 +99,18 @@ def _tree_np(v: np.ndarray, p: float) -> float:
     return float(v[0]) if n else 0.0
 
 
+# The spec's term for a general p is the C library's pow(), which the native kernels call. numpy's
+# np.power is not that function everywhere: on CPUs with AVX-512 numpy evaluates it with its own
+# SIMD code, whose last bit differs from glibc's for some inputs (found by the clip fuzz test:
+# 9 of 146 terms one ulp apart). math.pow calls the C library's pow.
+_LIBM_POW = np.frompyfunc(math.pow, 2, 1)
+
+
+def _libm_pow(x: np.ndarray, p: float) -> np.ndarray:
+    """pow(x, p) of the C library, element-wise (float64)."""
+    return _LIBM_POW(x, float(p)).astype(np.float64)
+
+
 def norm_sums(arrays, p: float = 2.0) -> np.ndarray:
     """float64 [N + 1]: per array the sum of |x|^p (max |x| for inf) by the leaf / lane / tree
     order of the spec, then the tree over the N values. ``arrays``: numpy arrays or tensors
@@ -111,7 +124,7 @@ def norm_sums(arrays, p: float = 2.0) -> np.ndarray:
         leaves = np.zeros(nleaves * 1024, dtype=np.float64)
         leaves[: x.shape[0]] = x
         m = np.abs(leaves)
-        terms = leaves * leaves if p == 2.0 else m if (p == 1.0 or np.isinf(p)) else np.power(m, p)
+        terms = leaves * leaves if p == 2.0 else m if (p == 1.0 or np.isinf(p)) else _libm_pow(m, p)
         terms = terms.reshape(nleaves, 32, 32)  # [leaf, k, lane j]: element k*32 + j
         lane = np.zeros((nleaves, 32), dtype=np.float64)
         for k in range(32):  # lane j adds k = 0..31 in order
