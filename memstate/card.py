@@ -6,7 +6,10 @@ Schema ``memstate.card`` version 2 (every key always present)::
     card_version        2
     created             ISO 8601 UTC time
     environment         memstate, torch, CUDA and Python versions, device names, CPU ISA,
-                        thread count, determinism settings
+                        thread count, determinism settings; the CPU model and torch's CPU
+                        kernel capability (cards from 2026-12-01 on: torch's CPU kernels,
+                        oneDNN and MKL pick per-CPU code paths, so bitwise replay needs the
+                        same CPU kind)
     config              task (built-in name or import path "pkg.mod:Class"), task_options,
                         task_source (user tasks: import_path, resolved options, xxh3-128 of
                         the module's source file; null for built-in tasks), perturbation, perturbation_params, t0, window
@@ -88,6 +91,25 @@ def checksum(card: dict) -> str:
     return xxhash.xxh3_128_hexdigest(_canonical({k: v for k, v in card.items() if k != "card_xxh3_128"}))
 
 
+def _cpu_model() -> Optional[str]:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform reports, else None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _cpu_capability() -> Optional[str]:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def environment() -> dict:
     from memstate import __version__, _ext
 
@@ -99,6 +121,7 @@ def environment() -> dict:
         "memstate": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "machine": platform.machine(), "devices": devices,
         "cpu_isa": info.get("cpu_isa"), "cuda_kernels": info.get("cuda"), "threads": torch.get_num_threads(),
+        "cpu": _cpu_model(), "torch_cpu_capability": _cpu_capability(),
         "determinism": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -106,6 +129,28 @@ def environment() -> dict:
             "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         },
     }
+
+
+# Environment keys that decide whether a replay can be bitwise (the memstate version and the
+# card's creation-time thread count do not: replay runs the config's thread count).
+REPLAY_ENVIRONMENT = ("torch", "cuda", "python", "machine", "devices", "cpu", "torch_cpu_capability", "cpu_isa",
+                      "cuda_kernels", "determinism")
+
+
+def environment_differences(recorded: dict, here: Optional[dict] = None) -> List[str]:
+    """What differs between a card's environment and this machine's, as "key: card X, here Y"
+    lines (REPLAY_ENVIRONMENT keys; a key the card does not record, as in cards written before
+    it was added, is "not recorded")."""
+    here = environment() if here is None else here
+    out = []
+    for k in REPLAY_ENVIRONMENT:
+        if k not in here:
+            continue
+        if k not in recorded:
+            out.append(f"{k}: not recorded in the card, here {here[k]!r}")
+        elif recorded[k] != here[k]:
+            out.append(f"{k}: card {recorded[k]!r}, here {here[k]!r}")
+    return out
 
 
 def make_card(result) -> dict:
@@ -527,7 +572,8 @@ def compare_seed(recorded: dict, fresh: dict, t0: int = 0) -> Optional[str]:
         cps, new_cps = rec["checkpoints"], new["checkpoints"]
         d = _differing(cps["t0"], new_cps["t0"])  # the branch point precedes every step
         if d:
-            return f"seed {seed}, arm {arm}, at t0 (before any step): tensor(s) {', '.join(d[:5])}"
+            return (f"seed {seed}, arm {arm}, at the branch point (step {t0}, after the shared prefix, before the "
+                    f"arm's first step): tensor(s) {', '.join(d[:5])}")
         for i, (a, b) in enumerate(zip(rec["digests"], new["digests"])):
             if a != b:
                 # name tensors from the first checkpoint after the step that differs

@@ -386,7 +386,8 @@ def _parse_seeds(text: str) -> List[int]:
 
 
 def cmd_replay(args) -> int:
-    from memstate.card import CardError, TaskChangedError, is_user_task, read_card, replay, validate_card
+    from memstate.card import (CardError, TaskChangedError, environment_differences, is_user_task, read_card, replay,
+                               validate_card)
 
     try:
         card = read_card(args.card)  # imports nothing
@@ -408,6 +409,13 @@ def cmd_replay(args) -> int:
         return 2
     from memstate.distributed import launch
 
+    # Bitwise replay needs the card's environment (torch build, CPU kind, devices): say up front
+    # what differs here, so that a mismatch can be read for what it is.
+    env_diff = environment_differences(card["environment"])
+    # said once: by rank 0 under torchrun, not by a parent about to launch the ranks
+    if env_diff and (os.environ.get("RANK") == "0" if launch.launched() else args.nproc is None):
+        print("memstate replay: NOTE: this environment differs from the card's; fingerprints are bitwise only "
+              "on the same CPU/GPU kind and torch build:\n  " + "\n  ".join(env_diff))
     if _nproc_refused(args, "replay"):
         return 2
     if args.nproc is not None and not launch.launched():
@@ -422,6 +430,9 @@ def cmd_replay(args) -> int:
                          allow_changed_task=args.allow_changed_task)
     if problem:
         print(f"memstate replay: FAIL: {problem}")
+        if env_diff:
+            print("memstate replay: (this environment differs from the card's, see the NOTE above: across CPU "
+                  "kinds or torch builds a mismatch is expected and says nothing about the card)")
         return 1
     chosen = seeds or card["config"]["seeds"]
     n = sum(len(r["arms"]) for r in card["seeds"] if r["seed"] in chosen)

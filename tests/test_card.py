@@ -81,6 +81,39 @@ def test_forged_card_fails_replay_naming_the_metric(card, tmp_path):
     assert rc == 0 and out.count("PASS") == 2, (out, err)
 
 
+def test_replay_names_what_differs_in_the_environment(card, tmp_path):
+    """Bitwise replay needs the card's CPU kind and torch build: the card records them, and a
+    replay elsewhere says up front what differs (and again after a FAIL), while a replay in the
+    card's own environment says nothing about it."""
+    env = card["environment"]
+    assert env["cpu"] == cardmod.environment()["cpu"] and env["torch_cpu_capability"]
+    assert cardmod.environment_differences(env) == []
+    moved = copy.deepcopy(card)
+    moved["environment"]["cpu"] = "Another CPU (TM)"
+    del moved["environment"]["torch_cpu_capability"]  # as in cards written before it was recorded
+    path = tmp_path / "card.json"
+    cardmod.write_card(_resign(moved), str(path))
+    rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+    assert rc == 0, (out, err)  # the same machine really: the replay matches, with the note
+    assert "NOTE: this environment differs from the card's" in out, out
+    assert "cpu: card 'Another CPU (TM)', here " in out and "torch_cpu_capability: not recorded in the card" in out
+    moved["seeds"][0]["arms"]["control"]["losses"][0] = 9.0
+    cardmod.write_card(_resign(moved), str(path))
+    rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+    assert rc == 1 and "FAIL: seed 0, arm control, step 4" in out, (out, err)
+    assert out.strip().splitlines()[-1].startswith("memstate replay: (this environment differs from the card's")
+
+
+def test_a_branch_point_mismatch_is_named_as_such(card):
+    bad = copy.deepcopy(card)
+    cp = bad["seeds"][0]["arms"]["treatment"]["checkpoints"]["t0"]
+    name = sorted(cp)[0]
+    cp[name] = "0" * len(cp[name]) if isinstance(cp[name], str) else [0 for _ in cp[name]]
+    problem = cardmod.replay(_resign(bad), seeds=[0])
+    assert problem.startswith("seed 0, arm treatment, at the branch point (step 4, after the shared prefix, "
+                              f"before the arm's first step): tensor(s) {name}"), problem
+
+
 def test_forged_statistics_alone_fail_replay(card):
     forged = copy.deepcopy(card)
     forged["results"]["tables"]["final"]["rows"]["accuracy"]["p_holm"] = 0.001
