@@ -354,6 +354,14 @@ def _baseline_sentence(card: dict) -> str:
             f"the {html.escape(_label(card, treat))} arm's are {mean(treat, 'l2'):.3g} and {mean(treat, 'dis'):.3g}.")
 
 
+def _cpu_words(env: dict) -> str:
+    """", CPU <model> (torch kernels <capability>)" for cards that record them, else ""."""
+    if not env.get("cpu"):
+        return ""
+    cap = f" (torch CPU kernels {env['torch_cpu_capability']})" if env.get("torch_cpu_capability") else ""
+    return html.escape(f", CPU {env['cpu']}{cap}")
+
+
 def write_report(card: dict, out: str) -> str:
     """Writes report.html (with its PNGs and results.csv beside it) and returns its path.
     ``out`` is a directory, or a file name ending in .html / .htm."""
@@ -394,9 +402,10 @@ is printed in the footer.</p>
 <h2>Divergence from the control</h2><p>{_baseline_sentence(card)}</p>{imgs('divergence')}{imgs('loss')}
 <h2>Checks</h2><p>{_aa_sentence(card)} Contract violations: {html.escape('; '.join(viol)) if viol else 'none'}.</p>
 <p>memstate {html.escape(str(env.get('memstate')))}, torch {html.escape(str(env.get('torch')))}, devices
-{html.escape(', '.join(map(str, env.get('devices', []))))}. Per-seed numbers: <a href="results.csv">results.csv</a>; audit
+{html.escape(', '.join(map(str, env.get('devices', []))))}{_cpu_words(env)}. Per-seed numbers: <a href="results.csv">results.csv</a>; audit
 trail: card.json (checksum {html.escape(card['card_xxh3_128'])}, which detects accidents, not forgery); verify it with
-<code>memstate replay card.json</code>, which re-runs every seed and compares every recorded value.</p></body></html>"""
+<code>memstate replay card.json</code>, which re-runs every seed and compares every recorded value (bitwise
+on the same CPU/GPU kind and torch build).</p></body></html>"""
     path = os.path.join(out_dir, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -1,4 +1,5 @@
 """report.html, results.csv and the text tables: labels, precision, and images that are not blank."""
+import html
 import importlib.util
 import math
 import os
@@ -25,7 +26,8 @@ def test_report_shows_what_a_scientist_needs(card, tmp_path):
     for needle in ("ATE_opt = E[M(carry) - M(reset_momentum)]", "memory kept minus memory perturbed",
                    "early probe, after step 7", "final probe, after step 10", "Holm over all 3 tests",
                    "floor 0.25 at n = 3", "window 3 steps (given)", "Chaos baseline", "by 1 &minus; 2",
-                   "higher", "lower", "A/A check: the A/A arm", "detects accidents, not forgery"):
+                   "higher", "lower", "A/A check: the A/A arm", "detects accidents, not forgery",
+                   f"CPU {html.escape(card['environment']['cpu'])} (torch CPU kernels "):
         assert needle in text, needle
     assert "aa_timeline" not in text  # one sentence instead of a one-bit image
     for f in ("paired_accuracy.png", "paired_loss.png", "ate_early.png", "ate_final.png", "divergence.png",
