@@ -222,6 +222,7 @@ def test_replay_under_torchrun_reports_a_mismatch_found_by_another_rank(runs):
     with open(f"{runs}/ref/card.json") as f:
         card = json.load(f)
     card["seeds"][3]["arms"]["control"]["losses"][-1] += 2.0 ** -20
+    card["environment"]["cpu"] = "Another CPU (TM)"  # the environment note is said once, by rank 0
     card["card_xxh3_128"] = checksum(card)
     with open(f"{runs}/tampered.json", "w") as f:
         json.dump(card, f, indent=1)
@@ -229,6 +230,9 @@ def test_replay_under_torchrun_reports_a_mismatch_found_by_another_rank(runs):
     assert code == 1, err
     assert _rank_lines(out) == ["[rank 0/2] replays seeds [0]", "[rank 1/2] replays seeds [3]"]
     assert out.count("memstate replay: FAIL: seed 3, arm control, step 5") == 1, out
+    assert out.count("NOTE: this environment differs from the card's") == 1, out
+    assert out.count("cpu: card 'Another CPU (TM)', here ") == 1, out
+    assert out.count("memstate replay: (this environment differs from the card's") == 1, out
 
 
 @pytest.mark.cuda
