@@ -27,12 +27,15 @@ def _info_lines() -> List[str]:
     import torch
 
     from memstate import __version__, _ext
+    from memstate import card as _card
 
     info = _ext.build_info()
     lines = [
         f"memstate        {__version__}",
         f"python          {platform.python_version()} ({platform.machine()})",
         f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"CPU             {_card._cpu_model() or 'unknown'} (torch CPU kernels {_card._cpu_capability() or 'unknown'}; "
+        "cards record both: bitwise replay needs the same CPU kind)",
     ]
     if info.get("built"):
         lines += [

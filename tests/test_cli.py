@@ -143,3 +143,13 @@ def test_verify_reports_pass_and_skipped(capsys):
     if not torch.cuda.is_available():
         assert "SKIPPED  CPU == CUDA optimizer steps (no CUDA device visible" in out
     assert out.strip().endswith("verify: PASS")
+
+
+def test_info_names_the_cpu_a_card_would_record(capsys):
+    from memstate import card as cardmod
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    env = cardmod.environment()
+    assert f"CPU             {env['cpu']} (torch CPU kernels {env['torch_cpu_capability']};" in out, out
+    assert "native build    memstate._C" in out
