@@ -30,11 +30,12 @@ def _info_lines() -> List[str]:
     from memstate import card as _card
 
     info = _ext.build_info()
+    env = _card.environment()  # the CPU as a card records it
     lines = [
         f"memstate        {__version__}",
         f"python          {platform.python_version()} ({platform.machine()})",
         f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"CPU             {_card._cpu_model() or 'unknown'} (torch CPU kernels {_card._cpu_capability() or 'unknown'}; "
+        f"CPU             {env['cpu'] or 'unknown'} (torch CPU kernels {env['torch_cpu_capability'] or 'unknown'}; "
         "cards record both: bitwise replay needs the same CPU kind)",
     ]
     if info.get("built"):

@@ -53,13 +53,6 @@ class Fingerprint:
         raise AttributeError("Fingerprint is immutable")
 
     @classmethod
-    def _from_lanes(cls, lane0: int, lane1: int) -> "Fingerprint":
-        """Trusted constructor for lanes already known to be in [0, 2^64) (hot paths)."""
-        fp = _new(cls)
-        _set_raw(fp, _PAIR.pack(lane0, lane1))
-        return fp
-
-    @classmethod
     def from_bytes(cls, data: bytes) -> "Fingerprint":
         """Reads the 16-byte form produced by ``to_bytes()``."""
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != 16:

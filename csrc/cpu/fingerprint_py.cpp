@@ -17,7 +17,7 @@ py::list fingerprint_objects(const uint64_t* rows, py::ssize_t n, py::handle cls
   auto* tp = reinterpret_cast<PyTypeObject*>(cls.ptr());
   if (!PyType_Check(cls.ptr())) throw py::type_error("fingerprint_objects: cls is not a type");
   descrsetfunc set = Py_TYPE(slot.ptr())->tp_descr_set;
-  if (set == nullptr) throw py::type_error("fingerprints_from_rows: slot is not a data descriptor");
+  if (set == nullptr) throw py::type_error("fingerprint_objects: slot is not a data descriptor");
   py::list out(static_cast<size_t>(n));
   // No cycle collection while the results are built: every allocation of a tracked object
   // counts towards the next collection, so 1,000 results triggered one or more per call, each
