@@ -25,7 +25,10 @@
 
     python benchmarks/bench_replay.py [--quick] [--device cpu|cuda] [--branches N] [--steps N]
                                       [--cards GLOB] [--kernel-card CARD] [--kernel-seeds S,S]
-                                      [--skip a,b,c,d] [--json out.json]
+                                      [--skip a,b,c,d] [--json out.json] [--cpu-capability avx2]
+
+The example cards were made on an AVX2 machine: on an AVX-512 one, --cpu-capability avx2 runs
+torch's CPU kernels as they did (docs/experiments.md); (c) and (d) fail without it there.
 
 --quick: 10 branches, 200 restore steps, cards replayed for seeds 0 and 1 only (statistics check
 skipped), the kernel-path replay of seed 0 only. On CUDA (``--device cuda``) (a) and (b) run on
@@ -303,12 +306,28 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel-seeds", help="(d) replay only these seeds, e.g. 0,1,2 (default all; 0 with --quick)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
     ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--cpu-capability", type=str.upper, choices=["DEFAULT", "AVX2"], metavar="{default,avx2}",
+                    help="run the whole benchmark with torch's CPU kernels at this capability (re-executes itself "
+                         "with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set), e.g. avx2 for the example cards "
+                         "(made on an AVX2 machine) on an AVX-512 one")
     args = ap.parse_args(argv)
+    if args.cpu_capability:
+        from memstate.card import cpu_capability, cpu_capability_env
+
+        env = cpu_capability_env(args.cpu_capability, cpu_capability())
+        if env is None:
+            print(f"bench_replay: torch's CPU kernels cannot run at {args.cpu_capability} here "
+                  f"({cpu_capability()})", file=sys.stderr)
+            return 2
+        if any(os.environ.get(k) != v for k, v in env.items()):
+            argv = sys.argv[1:] if argv is None else list(argv)
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], dict(os.environ, **env))
     _timing.select_devices(args.device)
     skip = set(filter(None, args.skip.split(",")))
     n = args.branches or (10 if args.quick else 100)
     steps = args.steps or (200 if args.quick else 1000)
-    print(f"machine: {_timing.machine()}; memstate ISA {_ext.load().cpu_isa()}; torch threads 1")
+    print(f"machine: {_timing.machine()}; memstate ISA {_ext.load().cpu_isa()}; torch threads 1; torch CPU kernels "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     out, ok = {}, True
     if "a" not in skip:
         t = time.perf_counter()

@@ -103,11 +103,46 @@ def _cpu_model() -> Optional[str]:
     return platform.processor() or None
 
 
-def _cpu_capability() -> Optional[str]:
+def cpu_capability() -> Optional[str]:
+    """torch's CPU kernel capability in this process (torch.backends.cpu.get_cpu_capability():
+    "DEFAULT", "AVX2", "AVX512", ...), None if this torch cannot say."""
     try:
         return torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         return None
+
+
+# Environment variables that choose the code paths of torch's CPU kernels (ATen's dispatch,
+# oneDNN, MKL): a card records the ones that were set (``cpu_kernel_env``).
+CPU_KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                       "MKL_CBWR")
+
+# x86 capabilities as torch.backends.cpu.get_cpu_capability() names them, lowest first, and the
+# variables that make torch run at a lower one than the machine's: ATen's vectorised kernels and
+# oneDNN's (convolutions, linear layers) must both be capped. Measured 2026-12-01 on an AVX-512
+# AMD EPYC: every example card made on an AVX2 AMD EPYC replays bitwise with the AVX2 row, and
+# fails with either variable alone (docs/experiments.md).
+X86_CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
+_LOWER_CPU_CAPABILITY = {
+    "DEFAULT": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
+def cpu_capability_env(target: str, here: Optional[str], machine: Optional[str] = None) -> Optional[dict]:
+    """The environment variables that make a new process run torch's CPU kernels at capability
+    ``target`` on a machine whose processes now run at ``here`` (both as
+    torch.backends.cpu.get_cpu_capability() names them): {} when they are the same, None when it
+    cannot be done (not x86, an unknown name, or a target above ``here``: a capability can only
+    be lowered)."""
+    machine = platform.machine() if machine is None else machine
+    if target == here:
+        return {}
+    if machine.lower() not in ("x86_64", "amd64") or here not in X86_CPU_CAPABILITIES:
+        return None
+    if target not in _LOWER_CPU_CAPABILITY or X86_CPU_CAPABILITIES.index(target) > X86_CPU_CAPABILITIES.index(here):
+        return None
+    return dict(_LOWER_CPU_CAPABILITY[target])
 
 
 def environment() -> dict:
@@ -121,7 +156,8 @@ def environment() -> dict:
         "memstate": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "machine": platform.machine(), "devices": devices,
         "cpu_isa": info.get("cpu_isa"), "cuda_kernels": info.get("cuda"), "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(), "torch_cpu_capability": _cpu_capability(),
+        "cpu": _cpu_model(), "torch_cpu_capability": cpu_capability(),
+        "cpu_kernel_env": {k: os.environ[k] for k in CPU_KERNEL_ENV_VARS if k in os.environ},
         "determinism": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,

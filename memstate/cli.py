@@ -38,6 +38,8 @@ def _info_lines() -> List[str]:
         f"CPU             {env['cpu'] or 'unknown'} (torch CPU kernels {env['torch_cpu_capability'] or 'unknown'}; "
         "cards record both: bitwise replay needs the same CPU kind)",
     ]
+    if env["cpu_kernel_env"]:
+        lines.append("CPU kernel env  " + " ".join(f"{k}={v}" for k, v in env["cpu_kernel_env"].items()))
     if info.get("built"):
         lines += [
             f"native build    memstate._C {info['version']}, sources {info['source_hash']}, "
@@ -389,9 +391,53 @@ def _parse_seeds(text: str) -> List[int]:
     return seeds
 
 
+def _says_once(args) -> bool:
+    """Whether this process prints a replay's notes: rank 0 under torchrun; otherwise a process
+    that is not about to launch ranks (--nproc)."""
+    from memstate.distributed import launch
+
+    return os.environ.get("RANK") == "0" if launch.launched() else args.nproc is None
+
+
+def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
+    """Runs torch's CPU kernels at the capability the card records (or --cpu-capability names)
+    when this machine's is higher: torch reads its dispatch variables once per process, so the
+    replay is re-run in a child process with them set (card.cpu_capability_env), and its exit code
+    returned. None: replay here (the capabilities agree, --cpu-capability native, nothing
+    recorded, or it cannot be lowered: the environment NOTE then says so)."""
+    import subprocess
+
+    from memstate.card import cpu_capability, cpu_capability_env
+    from memstate.distributed import launch
+
+    choice = args.cpu_capability
+    target = card["environment"].get("torch_cpu_capability") if choice == "CARD" else choice
+    if choice == "NATIVE" or not isinstance(target, str):
+        return None
+    here = cpu_capability()
+    env = cpu_capability_env(target, here) if here else None
+    if env is None:
+        if choice != "CARD" and _says_once(args):
+            print(f"memstate replay: NOTE: --cpu-capability {choice.lower()}: torch's CPU kernels cannot be run at "
+                  f"{target} on this machine (here {here}); replaying at {here}")
+        return None
+    if not env or all(os.environ.get(k) == v for k, v in env.items()):
+        return None  # already there (a re-run child, or set by hand)
+    setting = " ".join(f"{k}={v}" for k, v in env.items())
+    # said once: by rank 0 under torchrun, or by this process (with --nproc, before the launch;
+    # the ranks it launches inherit the variables and say nothing about it)
+    if not launch.launched() or os.environ.get("RANK") == "0":
+        source = "the card records" if choice == "CARD" else "--cpu-capability asks for"
+        print(f"memstate replay: {source} torch CPU kernels at {target}, this machine runs {here}: replaying in a "
+              f"child process with {setting} (--cpu-capability native replays at {here})", flush=True)
+    argv = getattr(args, "argv", sys.argv[1:])
+    code = subprocess.call([sys.executable, "-m", "memstate"] + list(argv), env=dict(os.environ, **env))
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
 def cmd_replay(args) -> int:
-    from memstate.card import (CardError, TaskChangedError, environment_differences, is_user_task, read_card, replay,
-                               validate_card)
+    from memstate.card import (CardError, TaskChangedError, cpu_capability, cpu_capability_env,
+                               environment_differences, is_user_task, read_card, replay, validate_card)
 
     try:
         card = read_card(args.card)  # imports nothing
@@ -413,11 +459,14 @@ def cmd_replay(args) -> int:
         return 2
     from memstate.distributed import launch
 
+    rerun = _rerun_at_card_capability(args, card)
+    if rerun is not None:
+        return rerun
     # Bitwise replay needs the card's environment (torch build, CPU kind, devices): say up front
     # what differs here, so that a mismatch can be read for what it is.
     env_diff = environment_differences(card["environment"])
     # said once: by rank 0 under torchrun, not by a parent about to launch the ranks
-    if env_diff and (os.environ.get("RANK") == "0" if launch.launched() else args.nproc is None):
+    if env_diff and _says_once(args):
         print("memstate replay: NOTE: this environment differs from the card's; fingerprints are bitwise only "
               "on the same CPU/GPU kind and torch build:\n  " + "\n  ".join(env_diff))
     if _nproc_refused(args, "replay"):
@@ -437,6 +486,10 @@ def cmd_replay(args) -> int:
         if env_diff:
             print("memstate replay: (this environment differs from the card's, see the NOTE above: across CPU "
                   "kinds or torch builds a mismatch is expected and says nothing about the card)")
+            if ("torch_cpu_capability" not in card["environment"] and args.cpu_capability == "CARD"
+                    and cpu_capability_env("AVX2", cpu_capability())):
+                print("memstate replay: (the card does not record torch's CPU kernel capability: if it was made "
+                      "on a machine without AVX-512, try --cpu-capability avx2)")
         return 1
     chosen = seeds or card["config"]["seeds"]
     n = sum(len(r["arms"]) for r in card["seeds"] if r["seed"] in chosen)
@@ -621,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--seeds", metavar="S,S", help="replay only these seeds, e.g. 0,3 (skips the statistics check)")
     rp.add_argument("--no-progress", action="store_true", help="no progress bar")
     rp.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("replay"))
+    rp.add_argument("--cpu-capability", type=str.upper, default="CARD", choices=["CARD", "NATIVE", "DEFAULT", "AVX2"],
+                    metavar="{card,native,default,avx2}",
+                    help="torch's CPU kernel code paths for the replay: card (default) runs them at the capability "
+                         "the card records when this machine's is higher (by re-running the replay in a child "
+                         "process with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set); native keeps this "
+                         "machine's; default or avx2 asks for that one, e.g. for cards that do not record it")
     rp.set_defaults(func=cmd_replay)
     rr = sub.add_parser("report", help="regenerate report.html, its plots and results.csv from a protocol card")
     rr.add_argument("card", help="path of a card.json")

@@ -359,6 +359,8 @@ def _cpu_words(env: dict) -> str:
     if not env.get("cpu"):
         return ""
     cap = f" (torch CPU kernels {env['torch_cpu_capability']})" if env.get("torch_cpu_capability") else ""
+    if cap and isinstance(env.get("cpu_kernel_env"), dict) and env["cpu_kernel_env"]:
+        cap = cap[:-1] + ", " + " ".join(f"{k}={v}" for k, v in env["cpu_kernel_env"].items()) + ")"
     return html.escape(f", CPU {env['cpu']}{cap}")
 
 

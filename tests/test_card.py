@@ -101,7 +101,65 @@ def test_replay_names_what_differs_in_the_environment(card, tmp_path):
     cardmod.write_card(_resign(moved), str(path))
     rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
     assert rc == 1 and "FAIL: seed 0, arm control, step 4" in out, (out, err)
-    assert out.strip().splitlines()[-1].startswith("memstate replay: (this environment differs from the card's")
+    lines = out.strip().splitlines()
+    assert lines[-2 if lines[-1].endswith("try --cpu-capability avx2)") else -1].startswith(
+        "memstate replay: (this environment differs from the card's"), out
+    # the card does not record the capability: on a machine above AVX2 the reminder names the
+    # switch that may recover it (and nowhere else)
+    hint = ("memstate replay: (the card does not record torch's CPU kernel capability: if it was made on a machine "
+            "without AVX-512, try --cpu-capability avx2)")
+    assert (lines[-1] == hint) == bool(cardmod.cpu_capability_env("AVX2", cardmod.cpu_capability())), out
+
+
+def test_cpu_capability_env_only_lowers_on_x86():
+    env = cardmod.cpu_capability_env
+    assert env("AVX2", "AVX512", "x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert env("DEFAULT", "AVX2", "x86_64") == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert env("DEFAULT", "AVX512", "AMD64")["ATEN_CPU_CAPABILITY"] == "default"
+    assert env("AVX2", "AVX2", "x86_64") == {} and env("SVE256", "SVE256", "aarch64") == {}
+    assert env("AVX512", "AVX2", "x86_64") is None  # a capability can only be lowered
+    assert env("AVX2", "DEFAULT", "x86_64") is None
+    assert env("DEFAULT", "SVE256", "aarch64") is None  # the table is x86's
+    assert env("ZVECTOR", "AVX512", "x86_64") is None and env("AVX2", "???", "x86_64") is None
+
+
+CAPABILITY_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+@pytest.mark.skipif(cardmod.cpu_capability() not in ("AVX2", "AVX512") or
+                    cardmod.cpu_capability_env("DEFAULT", cardmod.cpu_capability()) is None,
+                    reason="needs an x86 machine whose torch CPU kernels run above DEFAULT")
+def test_replay_runs_torch_cpu_kernels_at_the_cards_capability(tmp_path):
+    """A card made with torch's CPU kernels capped (here at DEFAULT: ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA, as on a machine without AVX2) records the capability and the variables;
+    a replay on this faster machine re-runs itself at the card's capability and passes, and
+    --cpu-capability native replays at this machine's, saying what differs."""
+    native = cardmod.cpu_capability()
+    env = {k: v for k, v in os.environ.items() if k not in CAPABILITY_ENV}
+    env["PYTHONPATH"] = ROOT
+    make = ("import sys; from memstate import card; from memstate.experiment import Experiment; "
+            "exp = Experiment('digits', 'reset_momentum', t0=3, horizon=6, seeds=2, window=2); "
+            "card.write_card(card.make_card(exp.run()), sys.argv[1])")
+    path = tmp_path / "card.json"
+    low = dict(env, ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")
+    subprocess.run([sys.executable, "-c", make, str(path)], env=low, cwd=tmp_path, check=True, timeout=300)
+    recorded = cardmod.read_card(str(path))["environment"]
+    assert recorded["torch_cpu_capability"] == "DEFAULT"
+    assert recorded["cpu_kernel_env"] == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+
+    def replay(*extra):
+        p = subprocess.run([sys.executable, "-m", "memstate", "replay", str(path), "--seeds", "0", "--no-progress",
+                            *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        return p.returncode, p.stdout, p.stderr
+
+    rc, out, err = replay()
+    assert rc == 0 and "PASS" in out, (out, err)
+    assert (f"the card records torch CPU kernels at DEFAULT, this machine runs {native}: replaying in a child "
+            "process with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41") in out, out
+    assert "torch_cpu_capability" not in out  # the child ran at the card's capability
+    rc, out, err = replay("--cpu-capability", "native")
+    assert rc in (0, 1) and "child process" not in out, (out, err)
+    assert f"torch_cpu_capability: card 'DEFAULT', here '{native}'" in out, out
 
 
 def test_a_branch_point_mismatch_is_named_as_such(card):

@@ -153,3 +153,17 @@ def test_info_names_the_cpu_a_card_would_record(capsys):
     env = cardmod.environment()
     assert f"CPU             {env['cpu']} (torch CPU kernels {env['torch_cpu_capability']};" in out, out
     assert "native build    memstate._C" in out
+    assert "CPU kernel env" not in out or env["cpu_kernel_env"]
+
+
+def test_info_and_cards_name_the_variables_that_pick_torch_cpu_kernels(capsys, monkeypatch):
+    """ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, ... when set are recorded and shown (a stand-in
+    variable here: setting the real ones in this process could change its kernels)."""
+    from memstate import card as cardmod
+
+    monkeypatch.setattr(cardmod, "CPU_KERNEL_ENV_VARS", ("MEMSTATE_TEST_KERNEL_VAR", "MEMSTATE_TEST_UNSET_VAR"))
+    monkeypatch.setenv("MEMSTATE_TEST_KERNEL_VAR", "avx2")
+    monkeypatch.delenv("MEMSTATE_TEST_UNSET_VAR", raising=False)
+    assert cardmod.environment()["cpu_kernel_env"] == {"MEMSTATE_TEST_KERNEL_VAR": "avx2"}
+    assert main(["info"]) == 0
+    assert "CPU kernel env  MEMSTATE_TEST_KERNEL_VAR=avx2\n" in capsys.readouterr().out

@@ -235,6 +235,36 @@ def test_replay_under_torchrun_reports_a_mismatch_found_by_another_rank(runs):
     assert out.count("memstate replay: (this environment differs from the card's") == 1, out
 
 
+def _lowerable() -> bool:
+    from memstate.card import cpu_capability, cpu_capability_env
+
+    return bool(cpu_capability_env("DEFAULT", cpu_capability() or "DEFAULT"))
+
+
+@pytest.mark.skipif(not _lowerable(), reason="needs an x86 machine whose torch CPU kernels run above DEFAULT")
+@pytest.mark.parametrize("how", ["torchrun", "nproc"])
+def test_replay_on_ranks_at_the_cards_cpu_capability(runs, how):
+    """A card recording lower torch CPU kernels than here's: under torchrun every rank re-runs
+    itself at the card's capability (joining the group from its child), with --nproc the parent
+    does before launching; either way the ranks replay at it and the line is said once."""
+    from memstate.card import checksum, cpu_capability
+
+    with open(f"{runs}/ref/card.json") as f:
+        card = json.load(f)
+    card["environment"]["torch_cpu_capability"] = "DEFAULT"  # as if made on a machine without AVX2
+    card["card_xxh3_128"] = checksum(card)
+    with open(f"{runs}/default_{how}.json", "w") as f:
+        json.dump(card, f, indent=1)
+    args = ["replay", f"default_{how}.json", "--seeds", "0,3", "--no-progress"]
+    code, out, err = _torchrun(2, args, runs) if how == "torchrun" else run_cli(args + ["--nproc", "2"], runs)
+    assert code in (0, 1), err  # the card was made at this machine's capability: it may well differ
+    assert out.count(f"the card records torch CPU kernels at DEFAULT, this machine runs {cpu_capability()}: "
+                     "replaying in a child process with ATEN_CPU_CAPABILITY=default") == 1, out
+    assert _rank_lines(out) == ["[rank 0/2] replays seeds [0]", "[rank 1/2] replays seeds [3]"], out
+    assert "torch_cpu_capability" not in out, out  # the ranks ran at DEFAULT
+    assert out.count("memstate replay: PASS: every") + out.count("memstate replay: FAIL: ") == 1, out
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_two_ranks_on_two_gpus_write_the_single_gpu_card(tmp_path):

@@ -52,3 +52,12 @@ def test_precision_follows_the_interval(card):
         half = (a["ci"][1] - a["ci"][0]) / 2
         want = max(0, 1 - math.floor(math.log10(half)))
         assert (len(est.split(".")[1]) if "." in est else 0) == want, (key, est, half)
+
+
+def test_the_report_names_the_variables_that_capped_torch_cpu_kernels():
+    from memstate.report import _cpu_words
+
+    env = {"cpu": "AMD EPYC <x>", "torch_cpu_capability": "AVX2"}
+    assert _cpu_words(env) == ", CPU AMD EPYC &lt;x&gt; (torch CPU kernels AVX2)"
+    env["cpu_kernel_env"] = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert _cpu_words(env) == ", CPU AMD EPYC &lt;x&gt; (torch CPU kernels AVX2, ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2)"
