@@ -173,19 +173,20 @@ REPLAY_ENVIRONMENT = ("torch", "cuda", "python", "machine", "devices", "cpu", "t
                       "cuda_kernels", "determinism")
 
 
-def environment_differences(recorded: dict, here: Optional[dict] = None) -> List[str]:
-    """What differs between a card's environment and this machine's, as "key: card X, here Y"
-    lines (REPLAY_ENVIRONMENT keys; a key the card does not record, as in cards written before
-    it was added, is "not recorded")."""
+def environment_differences(recorded: dict, here: Optional[dict] = None, source: str = "card",
+                            here_name: str = "here") -> List[str]:
+    """What differs between a recorded environment (a card's; ``source`` names it) and this
+    machine's (or ``here``), as "key: card X, here Y" lines (REPLAY_ENVIRONMENT keys; a key the
+    record lacks, as in cards written before it was added, is "not recorded")."""
     here = environment() if here is None else here
     out = []
     for k in REPLAY_ENVIRONMENT:
         if k not in here:
             continue
         if k not in recorded:
-            out.append(f"{k}: not recorded in the card, here {here[k]!r}")
+            out.append(f"{k}: not recorded in the {source}, {here_name} {here[k]!r}")
         elif recorded[k] != here[k]:
-            out.append(f"{k}: card {recorded[k]!r}, here {here[k]!r}")
+            out.append(f"{k}: {source} {recorded[k]!r}, {here_name} {here[k]!r}")
     return out
 
 

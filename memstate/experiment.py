@@ -505,6 +505,16 @@ class Experiment:
         if rec.get("config_hash") != want or rec.get("seed") != seed:
             raise ConfigError(f"{path} belongs to a different configuration (config hash "
                               f"{rec.get('config_hash')!r}, this run's is {want!r}); not mixing it in")
+        recorded = rec.pop(SEED_ENVIRONMENT, None)  # files written before it was recorded have none
+        if recorded is not None:
+            from memstate.card import environment_differences
+
+            diff = environment_differences(recorded, source="seed file") if isinstance(recorded, dict) else \
+                ["unreadable"]
+            if diff:
+                raise ConfigError(f"{path} was computed in another environment ({'; '.join(diff)}); a card mixing "
+                                  "environments could not be replayed bitwise anywhere: resume where the run "
+                                  "started, or start a new run")
         return rec
 
     def run_seeds(self, seeds: Sequence[int], out_dir: Optional[str] = None, resume: bool = False,
@@ -525,7 +535,7 @@ class Experiment:
             if rec is None:
                 rec = self.run_seed(seed)
                 if out_dir:
-                    _atomic_json(self.seed_file(out_dir, seed), rec)
+                    _atomic_json(self.seed_file(out_dir, seed), dict(rec, **{SEED_ENVIRONMENT: replay_environment()}))
             records.append(rec)
             if on_seed:
                 on_seed(rec)
@@ -552,6 +562,20 @@ def _butterfly(state) -> Dict[str, Any]:
             return {"primitive": "butterfly", "tensor": f"model.{name}", "factor": BUTTERFLY_FACTOR,
                     "factor_text": "1 - 2^-20"}
     raise ConfigError("the butterfly baseline needs a model with a floating-point parameter")
+
+
+#: The key under which a seed file (not the record in the card) keeps the environment that
+#: computed it (replay_environment): a resumed run refuses to mix in seeds from another one.
+SEED_ENVIRONMENT = "environment"
+
+
+def replay_environment() -> dict:
+    """This process's environment as far as bitwise results depend on it (the card's
+    REPLAY_ENVIRONMENT keys)."""
+    from memstate.card import REPLAY_ENVIRONMENT, environment
+
+    env = environment()
+    return {k: env[k] for k in REPLAY_ENVIRONMENT}
 
 
 def _read_seed_file(path: str) -> dict:

@@ -169,6 +169,38 @@ def _run_with_a_raising_rank(rank, world, out_dir):
     return None
 
 
+def _run_with_a_rank_elsewhere(rank, world, out_dir):
+    from memstate import experiment
+
+    if rank == 1:  # as if this rank ran on a node of another CPU kind
+        real = experiment.replay_environment
+        experiment.replay_environment = lambda: dict(real(), cpu="Another CPU (TM)")
+    exp = Experiment("digits", "reset_momentum", t0=2, horizon=4, window=2, seeds=[0, 1])
+    with launch.Session() as session:
+        try:
+            launch.run_experiment(exp, out_dir, False, session)
+        except experiment.ConfigError as e:
+            error = str(e)
+        from memstate.card import make_card
+
+        card = make_card(experiment.ExperimentResult(exp.config(), [exp.run_seed(0), exp.run_seed(1)]))
+        verdict = launch.replay(card, session)
+    return error, verdict
+
+
+def test_ranks_in_different_environments_refuse_to_make_or_replay_one_card(tmp_path):
+    """A launch over nodes of different machine kinds would mix results that no single machine
+    can replay (run) or blame a card for another machine's kernels (replay): both refuse."""
+    results = run_ranks(_run_with_a_rank_elsewhere, 2, str(tmp_path), timeout=180)
+    assert results[0] == results[1], results
+    error, verdict = results[0]
+    mixed = "rank 1 runs in another environment than rank 0 (cpu: rank 1 'Another CPU (TM)', rank 0 "
+    assert error.startswith(mixed) and error.endswith("; one card cannot mix them: launch every rank on the same "
+                                                      "machine kind"), error
+    assert not os.path.exists(tmp_path / "seeds")  # refused before any seed ran
+    assert verdict.startswith(mixed) and verdict.endswith(": replay every seed on one machine kind"), verdict
+
+
 def test_a_rank_that_raises_fails_every_rank_and_keeps_the_others_seeds(tmp_path):
     errors = run_ranks(_run_with_a_raising_rank, 2, str(tmp_path), timeout=180)
     assert errors[0] == errors[1]

@@ -248,6 +248,33 @@ def test_resume_refuses_seed_files_of_another_configuration(tmp_path):
         other.run(out_dir=out, resume=True)
 
 
+def test_resume_refuses_seed_files_computed_in_another_environment(tmp_path):
+    """A seed file keeps the environment that computed it (not copied into the card); resuming
+    elsewhere (another CPU kind, torch build, ...) refuses to mix it in, naming the file and what
+    differs; a file from before the environment was kept is still reused."""
+    import json
+
+    from memstate.experiment import replay_environment
+
+    out = str(tmp_path)
+    exp = Experiment("digits", "reset_momentum", t0=4, horizon=8, seeds=2, window=2, aa_check=False)
+    first = exp.run(out_dir=out)
+    path = tmp_path / "seeds" / "seed_1.json"
+    rec = json.loads(path.read_text())
+    assert rec["environment"] == replay_environment()
+    assert exp.run(out_dir=out, resume=True).records == first.records  # the same machine: reused as it is
+    assert "environment" not in first.records[1]  # the card's records do not carry it
+    rec["environment"]["cpu"] = "Another CPU (TM)"
+    path.write_text(json.dumps(rec))
+    with pytest.raises(ConfigError) as e:
+        exp.run(out_dir=out, resume=True)
+    assert str(e.value).startswith(f"{path} was computed in another environment (cpu: seed file 'Another CPU (TM)', "
+                                   "here "), e.value
+    del rec["environment"]  # as written before environments were kept: cannot tell, reused
+    path.write_text(json.dumps(rec))
+    assert exp.run(out_dir=out, resume=True).records == first.records
+
+
 def test_n5_effect_with_small_p_t_is_significant_after_holm_over_3_metrics():
     """Regression: Holm used to adjust the sign-flip p (floor 0.0625 at n = 5), so p_holm was
     >= 0.19 whatever the data. Synthetic per-seed values through the real result pipeline."""

@@ -175,6 +175,21 @@ def _failure(session: Session, what: str) -> str:
     return f"rank {session.rank} of {session.world} failed {what}:\n{traceback.format_exc().rstrip()}"
 
 
+def environment_mismatch(session: Session, here: dict) -> Optional[str]:
+    """None when every rank's ``here`` (memstate.experiment.replay_environment) is rank 0's;
+    otherwise "rank R runs in another environment than rank 0 (what differs)" for the first
+    rank that does not, the same on every rank."""
+    from memstate.card import environment_differences
+
+    envs = session.all_gather(json.dumps(here, sort_keys=True))
+    for r, text in enumerate(envs):
+        diff = environment_differences(json.loads(text), here=json.loads(envs[0]), source=f"rank {r}",
+                                       here_name="rank 0")
+        if diff:
+            return f"rank {r} runs in another environment than rank 0 ({'; '.join(diff)})"
+    return None
+
+
 def run_experiment(exp, out_dir: str, resume: bool, session: Session):
     """``exp.run(out_dir, resume)`` with the seeds split across the ranks (module docstring).
 
@@ -182,8 +197,14 @@ def run_experiment(exp, out_dir: str, resume: bool, session: Session):
     0 (records in configuration order, as a single-process run has them) and None on the
     others. Raises, on every rank: ConfigError when a finished seed file belongs to another
     configuration (resume), RankFailed when a rank raised while running its seeds."""
-    from memstate.experiment import ConfigError, ExperimentResult, _atomic_json
+    from memstate.experiment import SEED_ENVIRONMENT, ConfigError, ExperimentResult, _atomic_json, replay_environment
 
+    # one card, one environment: every rank must compute its seeds where rank 0 does (nodes of
+    # another CPU kind or torch build would mix results no single machine can replay)
+    here = replay_environment()
+    mixed = environment_mismatch(session, here)
+    if mixed:
+        raise ConfigError(f"{mixed}; one card cannot mix them: launch every rank on the same machine kind")
     done, plan = {}, None
     if session.main:
         try:
@@ -217,7 +238,7 @@ def run_experiment(exp, out_dir: str, resume: bool, session: Session):
             rec = json.loads(text)
             done[rec["seed"]] = rec
             if not os.path.isfile(exp.seed_file(out_dir, rec["seed"])):  # another node's file system
-                _atomic_json(exp.seed_file(out_dir, rec["seed"]), rec)
+                _atomic_json(exp.seed_file(out_dir, rec["seed"]), dict(rec, **{SEED_ENVIRONMENT: here}))
     return ExperimentResult(exp.config(), [done[s] for s in exp.seeds])
 
 
@@ -228,7 +249,11 @@ def replay(card: dict, session: Session, seeds: Optional[Sequence[int]] = None,
     rank. ``seeds``: replay only these (of the card's seeds; the statistics check is then
     skipped). A rank that raises is reported as the mismatch, with its traceback."""
     from memstate.card import compare_seed, replay_experiment, statistics_mismatch
+    from memstate.experiment import replay_environment
 
+    mixed = environment_mismatch(session, replay_environment())
+    if mixed:  # a mismatch found on another machine kind would say nothing about the card
+        return f"{mixed}: replay every seed on one machine kind"
     exp = replay_experiment(card, allow_changed_task=allow_changed_task)
     recorded = {r["seed"]: r for r in card["seeds"]}
     chosen = list(exp.seeds) if seeds is None else list(seeds)
