@@ -297,6 +297,14 @@ def cmd_run(args) -> int:
     from memstate.distributed import launch
     from memstate.experiment import ConfigError
 
+    if args.cpu_capability:
+        try:
+            code = _rerun_at_capability(args, "run", args.cpu_capability, "--cpu-capability asks for")
+        except UsageError as e:
+            print(f"memstate run: --cpu-capability {args.cpu_capability.lower()}: {e}", file=sys.stderr)
+            return 2
+        if code is not None:
+            return code
     if _nproc_refused(args, "run"):
         return 2
     if args.nproc is not None and not launch.launched():
@@ -399,40 +407,51 @@ def _says_once(args) -> bool:
     return os.environ.get("RANK") == "0" if launch.launched() else args.nproc is None
 
 
-def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
-    """Runs torch's CPU kernels at the capability the card records (or --cpu-capability names)
-    when this machine's is higher: torch reads its dispatch variables once per process, so the
-    replay is re-run in a child process with them set (card.cpu_capability_env), and its exit code
-    returned. None: replay here (the capabilities agree, --cpu-capability native, nothing
-    recorded, or it cannot be lowered: the environment NOTE then says so)."""
+def _rerun_at_capability(args, command: str, target: str, source: str, hint: str = "") -> Optional[int]:
+    """Runs this command with torch's CPU kernels at capability ``target`` when this machine's
+    is higher: torch reads its dispatch variables once per process, so the command is re-run in
+    a child process with them set (card.cpu_capability_env) and its exit code returned. None:
+    run here (already at ``target``). UsageError when this machine cannot run at ``target``."""
     import subprocess
 
     from memstate.card import cpu_capability, cpu_capability_env
     from memstate.distributed import launch
 
-    choice = args.cpu_capability
-    target = card["environment"].get("torch_cpu_capability") if choice == "CARD" else choice
-    if choice == "NATIVE" or not isinstance(target, str):
-        return None
     here = cpu_capability()
     env = cpu_capability_env(target, here) if here else None
     if env is None:
-        if choice != "CARD" and _says_once(args):
-            print(f"memstate replay: NOTE: --cpu-capability {choice.lower()}: torch's CPU kernels cannot be run at "
-                  f"{target} on this machine (here {here}); replaying at {here}")
-        return None
+        raise UsageError(f"torch's CPU kernels cannot be run at {target} on this machine (here {here}): a "
+                         "capability can only be lowered, on x86")
     if not env or all(os.environ.get(k) == v for k, v in env.items()):
         return None  # already there (a re-run child, or set by hand)
     setting = " ".join(f"{k}={v}" for k, v in env.items())
     # said once: by rank 0 under torchrun, or by this process (with --nproc, before the launch;
     # the ranks it launches inherit the variables and say nothing about it)
     if not launch.launched() or os.environ.get("RANK") == "0":
-        source = "the card records" if choice == "CARD" else "--cpu-capability asks for"
-        print(f"memstate replay: {source} torch CPU kernels at {target}, this machine runs {here}: replaying in a "
-              f"child process with {setting} (--cpu-capability native replays at {here})", flush=True)
+        print(f"memstate {command}: {source} torch CPU kernels at {target}, this machine runs {here}: running in a "
+              f"child process with {setting}{hint}", flush=True)
     argv = getattr(args, "argv", sys.argv[1:])
     code = subprocess.call([sys.executable, "-m", "memstate"] + list(argv), env=dict(os.environ, **env))
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
+    """``memstate replay`` at the capability the card records (or --cpu-capability names) when
+    this machine's is higher (_rerun_at_capability). None: replay here (the capabilities agree,
+    --cpu-capability native, nothing recorded, or it cannot be lowered: the environment NOTE
+    then says so)."""
+    choice = args.cpu_capability
+    target = card["environment"].get("torch_cpu_capability") if choice == "CARD" else choice
+    if choice == "NATIVE" or not isinstance(target, str):
+        return None
+    try:
+        return _rerun_at_capability(args, "replay", target,
+                                    "the card records" if choice == "CARD" else "--cpu-capability asks for",
+                                    " (--cpu-capability native replays at this machine's)")
+    except UsageError as e:
+        if choice != "CARD" and _says_once(args):
+            print(f"memstate replay: NOTE: --cpu-capability {choice.lower()}: {e}; replaying at this machine's")
+        return None
 
 
 def cmd_replay(args) -> int:
@@ -664,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it are refused)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("run"))
+    r.add_argument("--cpu-capability", type=str.upper, choices=["DEFAULT", "AVX2"], metavar="{default,avx2}",
+                   help="run torch's CPU kernels at this capability (re-runs the command in a child process with "
+                        "ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set; the card records it): avx2 on an AVX-512 "
+                        "machine makes a card that AVX2 machines can replay. --resume needs it again")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
                                        "1 a mismatch, 2 an unreadable or invalid card)")

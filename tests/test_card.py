@@ -130,31 +130,42 @@ CAPABILITY_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA
                     cardmod.cpu_capability_env("DEFAULT", cardmod.cpu_capability()) is None,
                     reason="needs an x86 machine whose torch CPU kernels run above DEFAULT")
 def test_replay_runs_torch_cpu_kernels_at_the_cards_capability(tmp_path):
-    """A card made with torch's CPU kernels capped (here at DEFAULT: ATEN_CPU_CAPABILITY and
-    ONEDNN_MAX_CPU_ISA, as on a machine without AVX2) records the capability and the variables;
-    a replay on this faster machine re-runs itself at the card's capability and passes, and
-    --cpu-capability native replays at this machine's, saying what differs."""
+    """``memstate run --cpu-capability default`` caps torch's CPU kernels (ATEN_CPU_CAPABILITY and
+    ONEDNN_MAX_CPU_ISA, as on a machine without AVX2) and its card records the capability and the
+    variables; --resume must ask for it again; a replay on this faster machine re-runs itself at
+    the card's capability and passes, and --cpu-capability native replays at this machine's,
+    saying what differs."""
     native = cardmod.cpu_capability()
     env = {k: v for k, v in os.environ.items() if k not in CAPABILITY_ENV}
     env["PYTHONPATH"] = ROOT
-    make = ("import sys; from memstate import card; from memstate.experiment import Experiment; "
-            "exp = Experiment('digits', 'reset_momentum', t0=3, horizon=6, seeds=2, window=2); "
-            "card.write_card(card.make_card(exp.run()), sys.argv[1])")
-    path = tmp_path / "card.json"
-    low = dict(env, ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")
-    subprocess.run([sys.executable, "-c", make, str(path)], env=low, cwd=tmp_path, check=True, timeout=300)
+
+    def cli(*args):
+        p = subprocess.run([sys.executable, "-m", "memstate", *args], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        return p.returncode, p.stdout, p.stderr
+
+    small = ["--t0", "3", "--horizon", "6", "--seeds", "2", "--window", "2", "--no-progress", "--out", "run"]
+    rc, out, err = cli("run", *small, "--cpu-capability", "default")
+    assert rc == 0, (out, err)
+    assert (f"memstate run: --cpu-capability asks for torch CPU kernels at DEFAULT, this machine runs {native}: "
+            "running in a child process with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41\n") in out, out
+    path = tmp_path / "run" / "card.json"
     recorded = cardmod.read_card(str(path))["environment"]
     assert recorded["torch_cpu_capability"] == "DEFAULT"
     assert recorded["cpu_kernel_env"] == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    # resuming it at this machine's kernels would mix environments: refused, naming the seed file
+    rc, out, err = cli("run", "--resume", "run", "--no-progress")
+    assert rc == 2 and "seed_0.json was computed in another environment (torch_cpu_capability: seed file " \
+        f"'DEFAULT', here '{native}')" in err, (out, err)
+    rc, out, err = cli("run", "--resume", "run", "--no-progress", "--cpu-capability", "default")
+    assert rc == 0, (out, err)
 
     def replay(*extra):
-        p = subprocess.run([sys.executable, "-m", "memstate", "replay", str(path), "--seeds", "0", "--no-progress",
-                            *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        return p.returncode, p.stdout, p.stderr
+        return cli("replay", str(path), "--seeds", "0", "--no-progress", *extra)
 
     rc, out, err = replay()
     assert rc == 0 and "PASS" in out, (out, err)
-    assert (f"the card records torch CPU kernels at DEFAULT, this machine runs {native}: replaying in a child "
+    assert (f"the card records torch CPU kernels at DEFAULT, this machine runs {native}: running in a child "
             "process with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41") in out, out
     assert "torch_cpu_capability" not in out  # the child ran at the card's capability
     rc, out, err = replay("--cpu-capability", "native")
