@@ -62,6 +62,7 @@ import json
 import math
 import os
 import platform
+import re
 from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
@@ -119,14 +120,16 @@ CPU_KERNEL_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CP
 
 # x86 capabilities as torch.backends.cpu.get_cpu_capability() names them, lowest first, and the
 # variables that make torch run at a lower one than the machine's: ATen's vectorised kernels and
-# oneDNN's (convolutions, linear layers) must both be capped. Measured 2026-12-01 on an AVX-512
-# AMD EPYC: every example card made on an AVX2 AMD EPYC replays bitwise with the AVX2 row, and
-# fails with either variable alone (docs/experiments.md).
+# oneDNN's (convolutions, linear layers) must both be capped, and MKL's (matrix products) as
+# well. Measured 2026-12-01 on an AVX-512 AMD EPYC: every example card made on an AVX2 AMD EPYC
+# replays bitwise with the AVX2 row, and fails with the ATen or the oneDNN variable alone (MKL
+# runs the same code there either way; docs/experiments.md).
 X86_CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 _LOWER_CPU_CAPABILITY = {
-    "DEFAULT": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
-    "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "DEFAULT": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "AVX2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
+_KERNEL_ENV_VALUE = re.compile(r"[A-Za-z0-9_.,]{1,32}")
 
 
 def cpu_capability_env(target: str, here: Optional[str], machine: Optional[str] = None) -> Optional[dict]:
@@ -143,6 +146,21 @@ def cpu_capability_env(target: str, here: Optional[str], machine: Optional[str] 
     if target not in _LOWER_CPU_CAPABILITY or X86_CPU_CAPABILITIES.index(target) > X86_CPU_CAPABILITIES.index(here):
         return None
     return dict(_LOWER_CPU_CAPABILITY[target])
+
+
+def card_kernel_env(recorded: dict, here: Optional[str]) -> dict:
+    """The CPU kernel variables a replay of a card whose environment is ``recorded`` runs with:
+    those the card records as set (``cpu_kernel_env``; only CPU_KERNEL_ENV_VARS names with short
+    plain values: a card never sets anything else), and, when the card's capability is lower
+    than ``here`` (this process's), cpu_capability_env's for the ones it does not record."""
+    kept = recorded.get("cpu_kernel_env")
+    env = {k: v for k, v in kept.items() if k in CPU_KERNEL_ENV_VARS and isinstance(v, str)
+           and _KERNEL_ENV_VALUE.fullmatch(v)} if isinstance(kept, dict) else {}
+    target = recorded.get("torch_cpu_capability")
+    if isinstance(target, str) and here:
+        for k, v in (cpu_capability_env(target, here) or {}).items():
+            env.setdefault(k, v)
+    return env
 
 
 def environment() -> dict:

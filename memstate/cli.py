@@ -298,11 +298,16 @@ def cmd_run(args) -> int:
     from memstate.experiment import ConfigError
 
     if args.cpu_capability:
+        from memstate.card import cpu_capability
+
         try:
-            code = _rerun_at_capability(args, "run", args.cpu_capability, "--cpu-capability asks for")
+            env = _capability_env(args.cpu_capability)
         except UsageError as e:
             print(f"memstate run: --cpu-capability {args.cpu_capability.lower()}: {e}", file=sys.stderr)
             return 2
+        why = f"--cpu-capability asks for torch CPU kernels at {args.cpu_capability}, this machine runs " \
+              f"{cpu_capability()}"
+        code = _rerun_with_kernel_env(args, "run", env, why) if env else None
         if code is not None:
             return code
     if _nproc_refused(args, "run"):
@@ -407,51 +412,64 @@ def _says_once(args) -> bool:
     return os.environ.get("RANK") == "0" if launch.launched() else args.nproc is None
 
 
-def _rerun_at_capability(args, command: str, target: str, source: str, hint: str = "") -> Optional[int]:
-    """Runs this command with torch's CPU kernels at capability ``target`` when this machine's
-    is higher: torch reads its dispatch variables once per process, so the command is re-run in
-    a child process with them set (card.cpu_capability_env) and its exit code returned. None:
-    run here (already at ``target``). UsageError when this machine cannot run at ``target``."""
+def _rerun_with_kernel_env(args, command: str, env: dict, why: str) -> Optional[int]:
+    """Re-runs this command in a child process with torch's CPU kernel variables ``env`` set
+    (torch reads them once per process) and returns its exit code; None when they are already
+    set so (a re-run child, or set by hand): run here."""
     import subprocess
 
-    from memstate.card import cpu_capability, cpu_capability_env
     from memstate.distributed import launch
+
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return None
+    setting = " ".join(f"{k}={v}" for k, v in env.items())
+    # said once: by rank 0 under torchrun, or by this process (with --nproc, before the launch;
+    # the ranks it launches inherit the variables and say nothing about it)
+    if not launch.launched() or os.environ.get("RANK") == "0":
+        print(f"memstate {command}: running in a child process with {setting}: {why}", flush=True)
+    argv = getattr(args, "argv", sys.argv[1:])
+    code = subprocess.call([sys.executable, "-m", "memstate"] + list(argv), env=dict(os.environ, **env))
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+
+
+def _capability_env(target: str) -> dict:
+    """cpu_capability_env for this machine; UsageError when it cannot run at ``target``."""
+    from memstate.card import cpu_capability, cpu_capability_env
 
     here = cpu_capability()
     env = cpu_capability_env(target, here) if here else None
     if env is None:
         raise UsageError(f"torch's CPU kernels cannot be run at {target} on this machine (here {here}): a "
                          "capability can only be lowered, on x86")
-    if not env or all(os.environ.get(k) == v for k, v in env.items()):
-        return None  # already there (a re-run child, or set by hand)
-    setting = " ".join(f"{k}={v}" for k, v in env.items())
-    # said once: by rank 0 under torchrun, or by this process (with --nproc, before the launch;
-    # the ranks it launches inherit the variables and say nothing about it)
-    if not launch.launched() or os.environ.get("RANK") == "0":
-        print(f"memstate {command}: {source} torch CPU kernels at {target}, this machine runs {here}: running in a "
-              f"child process with {setting}{hint}", flush=True)
-    argv = getattr(args, "argv", sys.argv[1:])
-    code = subprocess.call([sys.executable, "-m", "memstate"] + list(argv), env=dict(os.environ, **env))
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell says
+    return env
 
 
 def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
-    """``memstate replay`` at the capability the card records (or --cpu-capability names) when
-    this machine's is higher (_rerun_at_capability). None: replay here (the capabilities agree,
-    --cpu-capability native, nothing recorded, or it cannot be lowered: the environment NOTE
-    then says so)."""
-    choice = args.cpu_capability
-    target = card["environment"].get("torch_cpu_capability") if choice == "CARD" else choice
-    if choice == "NATIVE" or not isinstance(target, str):
+    """``memstate replay`` with torch's CPU kernels as the card ran them: its recorded kernel
+    variables, and its capability where this machine's is higher (card.card_kernel_env), or
+    the capability --cpu-capability names. None: replay here (nothing to change, --cpu-capability
+    native, or a capability this machine cannot run at: a NOTE says so)."""
+    from memstate.card import card_kernel_env, cpu_capability
+
+    choice, here = args.cpu_capability, cpu_capability()
+    if choice == "NATIVE":
         return None
-    try:
-        return _rerun_at_capability(args, "replay", target,
-                                    "the card records" if choice == "CARD" else "--cpu-capability asks for",
-                                    " (--cpu-capability native replays at this machine's)")
-    except UsageError as e:
-        if choice != "CARD" and _says_once(args):
-            print(f"memstate replay: NOTE: --cpu-capability {choice.lower()}: {e}; replaying at this machine's")
-        return None
+    if choice == "CARD":
+        recorded = card["environment"]
+        env = card_kernel_env(recorded, here)
+        kept = {k: v for k, v in env.items() if k in (recorded.get("cpu_kernel_env") or {})}
+        why = (f"the card ran torch's CPU kernels at {recorded.get('torch_cpu_capability')}"
+               + (" with " + " ".join(f"{k}={v}" for k, v in kept.items()) if kept else "")
+               + f", this machine runs {here} (--cpu-capability native replays with this machine's)")
+    else:
+        try:
+            env = _capability_env(choice)
+        except UsageError as e:
+            if _says_once(args):
+                print(f"memstate replay: NOTE: --cpu-capability {choice.lower()}: {e}; replaying at this machine's")
+            return None
+        why = f"--cpu-capability asks for torch CPU kernels at {choice}, this machine runs {here}"
+    return _rerun_with_kernel_env(args, "replay", env, why) if env else None
 
 
 def cmd_replay(args) -> int:

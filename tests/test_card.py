@@ -6,6 +6,7 @@ seed in CI); set the variable higher locally for a longer search."""
 import copy
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -113,8 +114,10 @@ def test_replay_names_what_differs_in_the_environment(card, tmp_path):
 
 def test_cpu_capability_env_only_lowers_on_x86():
     env = cardmod.cpu_capability_env
-    assert env("AVX2", "AVX512", "x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    assert env("DEFAULT", "AVX2", "x86_64") == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert env("AVX2", "AVX512", "x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert env("DEFAULT", "AVX2", "x86_64") == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                                                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     assert env("DEFAULT", "AVX512", "AMD64")["ATEN_CPU_CAPABILITY"] == "default"
     assert env("AVX2", "AVX2", "x86_64") == {} and env("SVE256", "SVE256", "aarch64") == {}
     assert env("AVX512", "AVX2", "x86_64") is None  # a capability can only be lowered
@@ -123,7 +126,43 @@ def test_cpu_capability_env_only_lowers_on_x86():
     assert env("ZVECTOR", "AVX512", "x86_64") is None and env("AVX2", "???", "x86_64") is None
 
 
-CAPABILITY_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+def test_a_replay_sets_only_the_kernel_variables_a_card_may_name():
+    """The card's recorded kernel variables are applied (known names, short plain values only:
+    a card never sets anything else), plus the capping of a lower capability."""
+    k = cardmod.card_kernel_env
+    assert k({}, "AVX512") == {} and k({"torch_cpu_capability": "AVX512"}, "AVX512") == {}
+    assert k({"torch_cpu_capability": "AVX512", "cpu_kernel_env": {"MKL_CBWR": "AVX2,STRICT"}}, "AVX512") == \
+        {"MKL_CBWR": "AVX2,STRICT"}
+    hostile = {"LD_PRELOAD": "/tmp/x.so", "PYTHONPATH": "/tmp", "MKL_CBWR": "$(rm -rf ~)", "ONEDNN_MAX_CPU_ISA": 3,
+               "MKL_ENABLE_INSTRUCTIONS": "A" * 33}
+    assert k({"torch_cpu_capability": "AVX512", "cpu_kernel_env": hostile}, "AVX512") == {}
+    assert k({"cpu_kernel_env": ["ATEN_CPU_CAPABILITY"]}, "AVX512") == {}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # a recorded variable wins over the capping of the capability
+        assert k({"torch_cpu_capability": "AVX2", "cpu_kernel_env": {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"}}, "AVX512") \
+            == {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+CAPABILITY_ENV = cardmod.CPU_KERNEL_ENV_VARS
+
+
+def test_replay_sets_the_kernel_variables_the_card_records(card, tmp_path):
+    """A card made with MKL_CBWR set (recorded in cpu_kernel_env) is replayed with it set, in a
+    child process; a card naming other variables or odd values sets nothing."""
+    marked = copy.deepcopy(card)
+    marked["environment"]["cpu_kernel_env"] = {"MKL_CBWR": "COMPATIBLE"}
+    path = tmp_path / "card.json"
+    cardmod.write_card(_resign(marked), str(path))
+    rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+    assert rc in (0, 1), (out, err)  # the card was made without it: MKL may or may not give other bits
+    assert out.startswith("memstate replay: running in a child process with MKL_CBWR=COMPATIBLE: the card ran torch's "
+                          f"CPU kernels at {card['environment']['torch_cpu_capability']} with MKL_CBWR=COMPATIBLE"), out
+    marked["environment"]["cpu_kernel_env"] = {"LD_PRELOAD": "/nonexistent.so", "MKL_CBWR": "$(false)"}
+    cardmod.write_card(_resign(marked), str(path))
+    rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+    assert rc == 0 and "child process" not in out, (out, err)
+
+
 
 
 @pytest.mark.skipif(cardmod.cpu_capability() not in ("AVX2", "AVX512") or
@@ -147,12 +186,14 @@ def test_replay_runs_torch_cpu_kernels_at_the_cards_capability(tmp_path):
     small = ["--t0", "3", "--horizon", "6", "--seeds", "2", "--window", "2", "--no-progress", "--out", "run"]
     rc, out, err = cli("run", *small, "--cpu-capability", "default")
     assert rc == 0, (out, err)
-    assert (f"memstate run: --cpu-capability asks for torch CPU kernels at DEFAULT, this machine runs {native}: "
-            "running in a child process with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41\n") in out, out
+    capped = "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"
+    assert (f"memstate run: running in a child process with {capped}: --cpu-capability asks for torch CPU kernels "
+            f"at DEFAULT, this machine runs {native}\n") in out, out
     path = tmp_path / "run" / "card.json"
     recorded = cardmod.read_card(str(path))["environment"]
     assert recorded["torch_cpu_capability"] == "DEFAULT"
-    assert recorded["cpu_kernel_env"] == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    assert recorded["cpu_kernel_env"] == {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                                          "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
     # resuming it at this machine's kernels would mix environments: refused, naming the seed file
     rc, out, err = cli("run", "--resume", "run", "--no-progress")
     assert rc == 2 and "seed_0.json was computed in another environment (torch_cpu_capability: seed file " \
@@ -165,8 +206,9 @@ def test_replay_runs_torch_cpu_kernels_at_the_cards_capability(tmp_path):
 
     rc, out, err = replay()
     assert rc == 0 and "PASS" in out, (out, err)
-    assert (f"the card records torch CPU kernels at DEFAULT, this machine runs {native}: running in a child "
-            "process with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41") in out, out
+    assert (f"memstate replay: running in a child process with {capped}: the card ran torch's CPU kernels at DEFAULT "
+            f"with {capped}, this machine runs {native} (--cpu-capability native replays with this machine's)\n") \
+        in out, out
     assert "torch_cpu_capability" not in out  # the child ran at the card's capability
     rc, out, err = replay("--cpu-capability", "native")
     assert rc in (0, 1) and "child process" not in out, (out, err)
