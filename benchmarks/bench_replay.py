@@ -308,7 +308,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results to this file")
     ap.add_argument("--cpu-capability", type=str.upper, choices=["DEFAULT", "AVX2"], metavar="{default,avx2}",
                     help="run the whole benchmark with torch's CPU kernels at this capability (re-executes itself "
-                         "with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set), e.g. avx2 for the example cards "
+                         "with ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS capped), e.g. "
+                         "avx2 for the example cards "
                          "(made on an AVX2 machine) on an AVX-512 one")
     args = ap.parse_args(argv)
     if args.cpu_capability:

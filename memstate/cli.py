@@ -703,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("run"))
     r.add_argument("--cpu-capability", type=str.upper, choices=["DEFAULT", "AVX2"], metavar="{default,avx2}",
                    help="run torch's CPU kernels at this capability (re-runs the command in a child process with "
-                        "ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set; the card records it): avx2 on an AVX-512 "
-                        "machine makes a card that AVX2 machines can replay. --resume needs it again")
+                        "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS capped; the card "
+                        "records it): avx2 on an AVX-512 machine makes a card that AVX2 machines can replay. "
+                        "--resume needs it again")
     r.set_defaults(func=cmd_run)
     rp = sub.add_parser("replay", help="re-run a protocol card and verify everything it records (exit 0 all match, "
                                        "1 a mismatch, 2 an unreadable or invalid card)")
@@ -717,10 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--nproc", type=_positive_int, metavar="N", help=NPROC_HELP.format("replay"))
     rp.add_argument("--cpu-capability", type=str.upper, default="CARD", choices=["CARD", "NATIVE", "DEFAULT", "AVX2"],
                     metavar="{card,native,default,avx2}",
-                    help="torch's CPU kernel code paths for the replay: card (default) runs them at the capability "
-                         "the card records when this machine's is higher (by re-running the replay in a child "
-                         "process with ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA set); native keeps this "
-                         "machine's; default or avx2 asks for that one, e.g. for cards that do not record it")
+                    help="torch's CPU kernel code paths for the replay: card (default) runs them as the card "
+                         "did, at the capability it records when this machine's is higher and with the kernel "
+                         "variables it records as set (by re-running the replay in a child process with "
+                         "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ... set); native keeps "
+                         "this machine's; default or avx2 asks for that one, e.g. for cards that do not record it")
     rp.set_defaults(func=cmd_replay)
     rr = sub.add_parser("report", help="regenerate report.html, its plots and results.csv from a protocol card")
     rr.add_argument("card", help="path of a card.json")
