@@ -92,7 +92,7 @@ def checksum(card: dict) -> str:
     return xxhash.xxh3_128_hexdigest(_canonical({k: v for k, v in card.items() if k != "card_xxh3_128"}))
 
 
-def _cpu_model() -> Optional[str]:
+def cpu_model() -> Optional[str]:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform reports, else None."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -174,7 +174,7 @@ def environment() -> dict:
         "memstate": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "machine": platform.machine(), "devices": devices,
         "cpu_isa": info.get("cpu_isa"), "cuda_kernels": info.get("cuda"), "threads": torch.get_num_threads(),
-        "cpu": _cpu_model(), "torch_cpu_capability": cpu_capability(),
+        "cpu": cpu_model(), "torch_cpu_capability": cpu_capability(),
         "cpu_kernel_env": {k: os.environ[k] for k in CPU_KERNEL_ENV_VARS if k in os.environ},
         "determinism": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),

@@ -262,6 +262,37 @@ def test_diff_orders_cause_before_consequence(tmp_path):
     assert "step 3" in d.summary() and "grad head.weight" in d.summary()
 
 
+def test_diff_says_when_trails_come_from_different_machines(tmp_path):
+    """Trails record the CPU kind and torch's CPU kernel capability and variables; a divergence between trails of different machines says so instead of blaming the
+    code (the header is edited here to stand in for another machine)."""
+    import json
+    import sqlite3
+
+    a, b = str(tmp_path / "a.trail"), str(tmp_path / "b.trail")
+    _train(a, steps=4)
+    _train(b, steps=4, plant=(2, _bump_head))
+    with audit.TrailReader(a) as r:
+        header = r.header
+    assert header["cpu"] and header["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(header["cpu_kernel_env"], dict)
+    d = audit.diff(a, b)
+    assert d.first_step == 2 and d.machine_differences() == [] and "different machines" not in d.summary()
+    with sqlite3.connect(b) as conn:
+        conn.execute("UPDATE header SET value = ? WHERE key = 'cpu'", (json.dumps("Another CPU (TM)"),))
+        conn.execute("UPDATE header SET value = ? WHERE key = 'torch_cpu_capability'", (json.dumps("AVX2"),))
+    conn.close()
+    d = audit.diff(a, b)
+    assert d.machine_differences() == ["cpu", "torch_cpu_capability"]
+    text = d.summary()
+    assert f"note: cpu differs: {header['cpu']!r} vs 'Another CPU (TM)'" in text, text
+    assert ("the trails come from different machines or builds (cpu, torch_cpu_capability differ, see the notes): "
+            "torch's kernels give other bits there, so this divergence says nothing about the code") in text, text
+    with sqlite3.connect(b) as conn:  # a trail written before these were recorded: not compared
+        conn.execute("DELETE FROM header WHERE key IN ('cpu', 'torch_cpu_capability')")
+    conn.close()
+    assert audit.diff(a, b).machine_differences() == []
+
+
 def test_diff_reports_batch_difference(tmp_path):
     a, b = str(tmp_path / "a.trail"), str(tmp_path / "b.trail")
     for path, ids in ((a, [1, 2]), (b, [1, 3])):

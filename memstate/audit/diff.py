@@ -54,6 +54,12 @@ class TrailDiff:
     header_a: Dict[str, Any] = field(default_factory=dict, repr=False)
     header_b: Dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def machine_differences(self) -> List[str]:
+        """The header keys (MACHINE_KEYS) in which the two trails' machines or builds differ; keys
+        a trail does not record (trails written before they were) are not compared."""
+        return [k for k in MACHINE_KEYS
+                if k in self.header_a and k in self.header_b and self.header_a[k] != self.header_b[k]]
+
     def summary(self) -> str:
         """A few lines for humans."""
         lines = []
@@ -72,6 +78,11 @@ class TrailDiff:
                     f"{x} (since step {self.input_first_steps[x]})" for x in self.input_differences))
             else:
                 lines.append("  inputs (batch ids, RNG states, contract logs) were identical at that step")
+                machine = self.machine_differences()
+                if machine:
+                    lines.append(f"  the trails come from different machines or builds ({', '.join(machine)} differ, "
+                                 "see the notes): torch's kernels give other bits there, so this divergence says "
+                                 "nothing about the code")
         elif self.first_input_step is not None:
             lines.append(f"tensors agree on all {self.steps_compared} common steps, but inputs differ from step "
                          f"{self.first_input_step}: " + ", ".join(self.input_differences))
@@ -92,9 +103,16 @@ def _inputs(ra: StepRow, rb: StepRow) -> List[str]:
     return out
 
 
+#: Header keys naming the machine and build a trail was recorded on: torch's kernels give other
+#: bits on another CPU kind or capability, another GPU or torch build (the thread count is a
+#: determinism setting, noted with those).
+MACHINE_KEYS = ("torch_version", "cpu", "torch_cpu_capability", "cpu_kernel_env", "device", "cuda_device",
+                "cuda_version")
+
+
 def _header_notes(ha: Dict[str, Any], hb: Dict[str, Any]) -> List[str]:
     notes = []
-    for key in ("torch_version", "memstate_version", "device", "cuda_device", "optimizer", "every"):
+    for key in MACHINE_KEYS + ("memstate_version", "optimizer", "every"):
         if ha.get(key) != hb.get(key):
             notes.append(f"{key} differs: {ha.get(key)!r} vs {hb.get(key)!r}")
     da, db = ha.get("determinism") or {}, hb.get("determinism") or {}

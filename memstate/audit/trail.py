@@ -327,6 +327,8 @@ class Trail:
             devs = sorted({str(p.device) for p in self.model.parameters()})
             device = ",".join(devs) if devs else "none"
         cuda_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        from memstate import card as _card  # the CPU as a protocol card records it
+
         return {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
@@ -336,6 +338,9 @@ class Trail:
             "numpy_version": np.__version__,
             "python_version": platform.python_version(),
             "platform": platform.platform(),
+            "cpu": _card.cpu_model(),
+            "torch_cpu_capability": _card.cpu_capability(),
+            "cpu_kernel_env": {k: os.environ[k] for k in _card.CPU_KERNEL_ENV_VARS if k in os.environ},
             "device": device,
             "cuda_device": cuda_name,
             "cuda_version": torch.version.cuda,
