@@ -458,7 +458,8 @@ def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
         recorded = card["environment"]
         env = card_kernel_env(recorded, here)
         kept = {k: v for k, v in env.items() if k in (recorded.get("cpu_kernel_env") or {})}
-        why = (f"the card ran torch's CPU kernels at {recorded.get('torch_cpu_capability')}"
+        level = recorded.get("torch_cpu_capability") or "a capability it does not record"
+        why = (f"the card ran torch's CPU kernels at {level}"
                + (" with " + " ".join(f"{k}={v}" for k, v in kept.items()) if kept else "")
                + f", this machine runs {here} (--cpu-capability native replays with this machine's)")
     else:
