@@ -42,7 +42,12 @@ def tensor_bytes(t) -> bytes:
     import torch
 
     t = t.detach().resolve_conj().resolve_neg().contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    if not t.numel():
+        return b""
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # a one-element tensor is contiguous whatever its stride; view() wants 1
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def sums(data: bytes, first_pair: int = 0) -> Tuple[int, int]:

@@ -88,6 +88,16 @@ def test_fingerprint_object():
         memstate.Fingerprint.fromhex("xyz")
 
 
+def test_reference_bytes_of_a_one_element_view_with_any_stride():
+    """Found by the fuzz test below: the imaginary part of a one-element complex view (stride 2)
+    is contiguous to torch, and the reference's byte view refused it."""
+    base = torch.tensor([1.5 + 2.5j, 3.0 - 4.0j], dtype=torch.complex64)
+    t = base[1:].conj().imag  # a lazily negated float view, stride 2
+    assert t.stride() == (2,) and t.is_contiguous()
+    assert ref.tensor_bytes(t) == np.array([4.0], dtype=np.float32).tobytes()
+    assert memstate.fingerprint(t) == ref_fp(torch.tensor([4.0]))
+
+
 def test_fingerprint_objects_built_natively_from_rows():
     """memstate._C.fingerprints_from_rows (fingerprint_many's result builder) gives the same
     objects as the checked constructor, lanes read as uint64 (top bit set included)."""
