@@ -116,6 +116,16 @@ def extensions():
     ]
 
 
+def fingerprint_extension():
+    """memstate._fingerprint: memstate.Fingerprint as a static C type (Python.h only, no torch),
+    loaded by ``import memstate`` (csrc/py/fingerprint_type.cpp)."""
+    from setuptools import Extension
+
+    return Extension("memstate._fingerprint", ["csrc/py/fingerprint_type.cpp"],
+                     include_dirs=[os.path.join(HERE, "csrc", "include")],
+                     depends=["csrc/include/memstate/fingerprint_object.h"], extra_compile_args=["-O2"])
+
+
 def cmdclass():
     import sysconfig
 
@@ -141,7 +151,7 @@ def cmdclass():
 
 setup(
     packages=find_packages(include=["memstate", "memstate.*"]),
-    ext_modules=extensions(),
+    ext_modules=extensions() + [fingerprint_extension()],
     cmdclass=cmdclass(),
     include_package_data=False,
     zip_safe=False,

@@ -30,17 +30,20 @@ _M64 = (1 << 64) - 1
 STATE_DIGEST_MAGIC = b"memstate.state.msfp1.v1\0"
 
 
-class Fingerprint:
+class _PyFingerprint:
     """An immutable msfp1 fingerprint: two 64-bit lanes.
 
     ``hex()`` gives 32 lowercase hex digits (lane 0 then lane 1); ``lanes`` the two ints;
     ``to_bytes()`` the 16-byte form (each lane little-endian), which ``from_bytes`` reads back.
     Equal fingerprints compare equal and hash alike, so they work as dict keys and in sets.
+
+    The reference implementation of ``Fingerprint``, which is a static C type of the same
+    behaviour (memstate._fingerprint, csrc/py/fingerprint_type.cpp: one small untracked object
+    per fingerprint, built by memstate._C straight from the kernels' lane rows); this class is
+    ``Fingerprint`` only where that module is not built. Tests compare the two.
     """
 
-    # The 16-byte form is the whole state: one bytes object per fingerprint, which the native
-    # builders (memstate._C.fingerprints_from_rows / fingerprint_many_cpu) copy straight from
-    # the kernels' lane rows.
+    # The 16-byte form is the whole state.
     __slots__ = ("_raw",)
 
     def __init__(self, lane0: int, lane1: int):
@@ -84,7 +87,7 @@ class Fingerprint:
         return self._raw
 
     def __eq__(self, other):
-        return isinstance(other, Fingerprint) and self._raw == other._raw
+        return isinstance(other, _PyFingerprint) and self._raw == other._raw
 
     def __hash__(self):
         return hash(self._raw)
@@ -100,8 +103,16 @@ class Fingerprint:
 
 _PAIR = struct.Struct("<QQ")
 _new = object.__new__
-_RAW_SLOT = Fingerprint.__dict__["_raw"]
-_set_raw = _RAW_SLOT.__set__  # the slot's own setter: skips __setattr__
+_set_raw = _PyFingerprint.__dict__["_raw"].__set__  # the slot's own setter: skips __setattr__
+
+try:
+    from memstate._fingerprint import Fingerprint  # the C type (see _PyFingerprint)
+
+    _NATIVE_FINGERPRINT = True
+except ImportError:  # not built: the reference implementation (the native builders need both)
+    Fingerprint = _PyFingerprint  # type: ignore[misc]
+    Fingerprint.__name__ = Fingerprint.__qualname__ = "Fingerprint"
+    _NATIVE_FINGERPRINT = False
 
 
 def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
@@ -111,7 +122,9 @@ def _from_rows(rows: torch.Tensor) -> List[Fingerprint]:
     if rows.device.type != "cpu":  # rows already fetched (a step's batched fetch) are not touched again
         rows = rows.cpu()
     host = rows.reshape(-1, 2).contiguous().numpy()
-    return _ext.load().fingerprints_from_rows(host, Fingerprint, _RAW_SLOT)
+    if not _NATIVE_FINGERPRINT:
+        return [Fingerprint.from_bytes(r.tobytes()) for r in host]
+    return _ext.load().fingerprints_from_rows(host)
 
 
 def _check_tensor(t, name: str) -> torch.Tensor:
@@ -157,7 +170,8 @@ def fingerprint_many(tensors: Sequence[torch.Tensor], names: Sequence[str] = Non
     if not tensors:
         return []
     if names is None or len(names) == len(tensors):
-        out = _ext.load().fingerprint_many_cpu(tensors, Fingerprint, _RAW_SLOT)  # None: not all plain CPU
+        # None: not all plain CPU tensors
+        out = _ext.load().fingerprint_many_cpu(tensors) if _NATIVE_FINGERPRINT else None
         if out is not None:
             return out
         rows = _one_call_rows(tensors)

@@ -1,5 +1,7 @@
 """msfp1: native (CPU, CUDA) == numpy reference, sensitivity, sharding, state fingerprints."""
 import gc
+import os
+import subprocess
 import sys
 import threading
 import weakref
@@ -13,6 +15,8 @@ from hypothesis import given, settings, strategies as st
 import memstate
 from memstate import _ext
 from memstate import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DTYPES = [
     torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.complex64,
@@ -88,6 +92,67 @@ def test_fingerprint_object():
         memstate.Fingerprint.fromhex("xyz")
 
 
+def test_the_c_fingerprint_type_behaves_as_the_reference_class():
+    """memstate.Fingerprint is a static C type (memstate._fingerprint); the pure-Python
+    _PyFingerprint is its reference (and the fallback where the module is not built): every
+    operation gives the same results and the same errors."""
+    import copy
+    import pickle
+
+    from memstate.fingerprint import _NATIVE_FINGERPRINT, _PyFingerprint
+
+    C, P = memstate.Fingerprint, _PyFingerprint
+    assert _NATIVE_FINGERPRINT and C is not P and C.__module__ == "memstate.fingerprint" and C.__name__ == "Fingerprint"
+    rng = np.random.default_rng(5)
+    cases = [(0, 0), (1, 2), (2**64 - 1, 0), (2**63, 2**63 - 1)] + \
+        [tuple(int(x) for x in rng.integers(0, 2**64, size=2, dtype=np.uint64)) for _ in range(50)]
+    for l0, l1 in cases:
+        c, p = C(l0, l1), P(l0, l1)
+        assert c.lanes == p.lanes == (l0, l1) and C(lane0=l0, lane1=l1) == c
+        assert c.hex() == p.hex() and str(c) == str(p) and repr(c) == repr(p)
+        assert c.to_bytes() == p.to_bytes() and C.from_bytes(p.to_bytes()) == c and P.from_bytes(c.to_bytes()) == p
+        assert C.from_bytes(bytearray(c.to_bytes())) == c and C.from_bytes(memoryview(c.to_bytes())) == c
+        assert C.fromhex(p.hex()) == c and P.fromhex(c.hex()) == p
+        for f in (c, p):
+            assert pickle.loads(pickle.dumps(f)) == f and copy.deepcopy(f) == f and copy.copy(f) == f
+            assert type(pickle.loads(pickle.dumps(f))) is type(f)
+        assert c == C(l0, l1) and not (c != C(l0, l1)) and hash(c) == hash(C(l0, l1))
+        assert c != C(l0 ^ 1, l1) and c != C(l0, l1 ^ 1)
+        assert (c == p) is False and (c == c.to_bytes()) is False and (c != 3) is True  # other types: not equal
+    assert len({C(*x) for x in cases}) == len(set(cases))
+    bad_lanes = [(-1, 0), (0, 2**64), (1.0, 0), ("1", 0), (None, 0), (0, 2.5)]
+    for args in bad_lanes:
+        errors = []
+        for cls in (C, P):
+            with pytest.raises(ValueError) as e:
+                cls(*args)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1], errors
+    for data in (b"x" * 15, b"x" * 17, "x" * 16, 16, None, memoryview(np.zeros(4, dtype=np.int32))[::2]):
+        errors = []
+        for cls in (C, P):
+            with pytest.raises(ValueError) as e:
+                cls.from_bytes(data)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1] == f"a msfp1 fingerprint is 16 bytes, got {data!r}", errors
+    for text in ("xyz", "g" * 32, "0" * 31, "0" * 33, b"0" * 32, None, "-" + "1" * 31):
+        errors = []
+        for cls in (C, P):
+            with pytest.raises(ValueError) as e:
+                cls.fromhex(text)
+            errors.append(str(e.value))
+        assert errors[0] == errors[1] == f"a msfp1 fingerprint is 32 hex digits, got {text!r}", errors
+    for f in (C(1, 2), P(1, 2)):
+        for name in ("_raw", "lanes", "x"):
+            with pytest.raises(AttributeError, match="Fingerprint is immutable"):
+                setattr(f, name, 0)
+    assert not gc.is_tracked(C(1, 2)) and sys.getsizeof(C(1, 2)) < sys.getsizeof(P(1, 2)) + sys.getsizeof(b"x" * 16)
+    with pytest.raises(TypeError):
+        C(1)
+    with pytest.raises(TypeError):  # fingerprints have no order
+        C(1, 2) < C(1, 3)
+
+
 def test_reference_bytes_of_a_one_element_view_with_any_stride():
     """Found by the fuzz test below: the imaginary part of a one-element complex view (stride 2)
     is contiguous to torch, and the reference's byte view refused it."""
@@ -96,6 +161,26 @@ def test_reference_bytes_of_a_one_element_view_with_any_stride():
     assert t.stride() == (2,) and t.is_contiguous()
     assert ref.tensor_bytes(t) == np.array([4.0], dtype=np.float32).tobytes()
     assert memstate.fingerprint(t) == ref_fp(torch.tensor([4.0]))
+
+
+def test_without_the_c_type_the_reference_class_serves(tmp_path):
+    """Where memstate._fingerprint is not built, ``import memstate`` still works and Fingerprint
+    is the reference class: every fingerprint is the same."""
+    t = torch.arange(100, dtype=torch.float32)
+    want = [memstate.fingerprint(t).hex(), memstate.fingerprint_many([t, t[::3]])[1].hex()]
+    code = ("import sys; sys.modules['memstate._fingerprint'] = None\n"
+            "import torch, memstate\n"
+            "from memstate.fingerprint import _NATIVE_FINGERPRINT, _PyFingerprint\n"
+            "assert not _NATIVE_FINGERPRINT and memstate.Fingerprint is _PyFingerprint\n"
+            "assert memstate.Fingerprint.__name__ == 'Fingerprint'\n"
+            "t = torch.arange(100, dtype=torch.float32)\n"
+            "fps = [memstate.fingerprint(t), memstate.fingerprint_many([t, t[::3]])[1]]\n"
+            "assert all(type(f) is memstate.Fingerprint for f in fps)\n"
+            "print(' '.join(f.hex() for f in fps))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == want
 
 
 def test_fingerprint_objects_built_natively_from_rows():
@@ -118,15 +203,12 @@ def test_fingerprint_objects_built_natively_from_rows():
     assert _from_rows(rows[:255].reshape(85, 3, 2)) == want[:255]  # [N, roles, 2]
     assert _from_rows(torch.zeros(0, 2, dtype=torch.int64)) == []
     C = _ext.load()
-    slot = memstate.Fingerprint.__dict__["_raw"]
     with pytest.raises(TypeError, match="8-byte integers.*'d'"):
-        C.fingerprints_from_rows(np.zeros((2, 2)), memstate.Fingerprint, slot)
+        C.fingerprints_from_rows(np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"shape \[N, 2\]"):
-        C.fingerprints_from_rows(np.zeros((2, 3), dtype=np.int64), memstate.Fingerprint, slot)
+        C.fingerprints_from_rows(np.zeros((2, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="C-contiguous"):
-        C.fingerprints_from_rows(np.zeros((2, 4), dtype=np.int64)[:, ::2], memstate.Fingerprint, slot)
-    with pytest.raises(TypeError, match="not a data descriptor"):
-        C.fingerprints_from_rows(lanes, memstate.Fingerprint, memstate.Fingerprint.hex)
+        C.fingerprints_from_rows(np.zeros((2, 4), dtype=np.int64)[:, ::2])
 
 
 def test_zero_dim_and_empty_shapes():
@@ -500,9 +582,7 @@ def test_fingerprint_many_names_the_offender_in_a_long_list():
 
 
 def _direct(ts):
-    from memstate.fingerprint import _RAW_SLOT
-
-    return _ext.load().fingerprint_many_cpu(ts, memstate.Fingerprint, _RAW_SLOT)
+    return _ext.load().fingerprint_many_cpu(ts)
 
 
 def test_fingerprint_many_direct_path_equals_the_op_and_the_reference():
@@ -523,7 +603,7 @@ def test_fingerprint_many_direct_path_equals_the_op_and_the_reference():
     got = _direct(ts)
     assert got is not None and got == want
     assert [type(f) for f in got] == [memstate.Fingerprint] * len(ts)
-    assert not any(gc.is_tracked(f) for f in got)  # hold only bytes: no cycles possible
+    assert not any(gc.is_tracked(f) for f in got)  # hold no references: no cycles possible
     assert memstate.fingerprint_many(ts) == want == _from_rows(_ext.ops().fingerprint(ts))
     assert _direct([]) == []
 

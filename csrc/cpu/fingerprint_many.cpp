@@ -57,7 +57,7 @@ struct Borrowed {
   }
 };
 
-py::object fingerprint_many_cpu(const py::list& items, py::handle cls, py::handle slot) {
+py::object fingerprint_many_cpu(const py::list& items) {
   if (intercepted()) return py::none();
   // New references to the items: a list edited by another thread while the GIL is released
   // below cannot free a tensor being hashed.
@@ -78,15 +78,15 @@ py::object fingerprint_many_cpu(const py::list& items, py::handle cls, py::handl
     py::gil_scoped_release nogil;
     rows = cpu::fingerprint_rows_cpu(b.tensors);
   }
-  return fingerprint_objects(reinterpret_cast<const uint64_t*>(rows.const_data_ptr<int64_t>()), n, cls, slot);
+  return fingerprint_objects(reinterpret_cast<const uint64_t*>(rows.const_data_ptr<int64_t>()), n);
 }
 
 }  // namespace
 
 void bind_fingerprint_many(py::module_& m) {
-  m.def("fingerprint_many_cpu", &fingerprint_many_cpu, py::arg("tensors"), py::arg("cls"), py::arg("slot"),
-        "fingerprint_many's one-call path: [cls] (slot := the 16-byte msfp1 form) for a list of plain CPU "
-        "tensors, or None where the op must be called instead (a subclass, a non-plain tensor, an active mode).");
+  m.def("fingerprint_many_cpu", &fingerprint_many_cpu, py::arg("tensors"),
+        "fingerprint_many's one-call path: [memstate.Fingerprint] for a list of plain CPU tensors, or None where "
+        "the op must be called instead (a subclass, a non-plain tensor, an active mode).");
 }
 
 }  // namespace memstate

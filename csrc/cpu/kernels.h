@@ -52,10 +52,10 @@ inline int64_t chunk_grain(int64_t nchunks, int64_t total_bytes) {
 #ifdef PYBIND11_VERSION_MAJOR  // (included after pybind11: ops.cpp, cpu/fingerprint_*.cpp)
 // memstate._C.fingerprints_from_rows (cpu/fingerprint_py.cpp; called from ops.cpp's PYBIND11_MODULE).
 void bind_fingerprint_rows(pybind11::module_& m);
-// [cls] for n msfp1 lane rows (uint64 lane 0, lane 1 each), the slot of each set to the row's 16
-// bytes (Fingerprint's form): the builder of fingerprints_from_rows (cpu/fingerprint_py.cpp).
-pybind11::list fingerprint_objects(const uint64_t* rows, pybind11::ssize_t n, pybind11::handle cls,
-                                   pybind11::handle slot);
+// [memstate.Fingerprint] for n msfp1 lane rows (uint64 lane 0, lane 1 each), built by the C API
+// of memstate._fingerprint (memstate/fingerprint_object.h): the builder of fingerprints_from_rows
+// and fingerprint_many_cpu (cpu/fingerprint_py.cpp).
+pybind11::list fingerprint_objects(const uint64_t* rows, pybind11::ssize_t n);
 // memstate._C.fingerprint_many_cpu (cpu/fingerprint_many.cpp).
 void bind_fingerprint_many(pybind11::module_& m);
 #endif
