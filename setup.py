@@ -146,6 +146,17 @@ def cmdclass():
             tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
             self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
 
+        def build_extension(self, ext):
+            # One build directory per extension: ninja's manifest (build.ninja) is written into
+            # build_temp, so two extensions sharing it would overwrite each other's and recompile.
+            base = self.build_temp
+            if ext.name != "memstate._C":
+                self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = base
+
     return {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 

@@ -39,7 +39,27 @@ def test_build_temp_is_persistent_even_when_pip_gives_a_temporary_one(setup_kwar
 
 
 def test_headers_are_dependencies(setup_kwargs):
-    (ext,) = setup_kwargs["ext_modules"]
-    deps = set(ext.depends)
+    exts = {e.name: e for e in setup_kwargs["ext_modules"]}
+    assert sorted(exts) == ["memstate._C", "memstate._fingerprint"]
+    deps = set(exts["memstate._C"].depends)
     for rel in ("csrc/optim_ops.h", "csrc/cpu/kernels.h", "csrc/include/memstate/msfp1.h"):
         assert rel in deps, rel
+    assert "csrc/include/memstate/fingerprint_object.h" in exts["memstate._fingerprint"].depends
+
+
+def test_each_extension_builds_in_its_own_directory(setup_kwargs, tmp_path, monkeypatch):
+    """ninja's manifest is written into build_temp: two extensions sharing one overwrote each
+    other's, and every build recompiled everything."""
+    from torch.utils import cpp_extension
+
+    dist = Distribution({"ext_modules": setup_kwargs["ext_modules"], "cmdclass": setup_kwargs["cmdclass"]})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.ensure_finalized()
+    seen = {}
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension",
+                        lambda self, ext: seen.setdefault(ext.name, self.build_temp))
+    for ext in setup_kwargs["ext_modules"]:
+        cmd.build_extension(ext)
+    assert seen["memstate._C"] == cmd.build_temp  # where earlier builds left its objects
+    assert seen["memstate._fingerprint"] == os.path.join(cmd.build_temp, "_fingerprint")
+    assert cmd.build_temp == seen["memstate._C"]  # restored after each
