@@ -50,6 +50,10 @@ def _info_lines() -> List[str]:
         ]
     else:
         lines.append(f"native build    NOT AVAILABLE: {info['error']}")
+    from memstate.fingerprint import _NATIVE_FINGERPRINT
+
+    lines.append("Fingerprint     " + ("C type (memstate._fingerprint)" if _NATIVE_FINGERPRINT else
+                                       "Python reference class (memstate._fingerprint is not built)"))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -153,6 +153,7 @@ def test_info_names_the_cpu_a_card_would_record(capsys):
     env = cardmod.environment()
     assert f"CPU             {env['cpu']} (torch CPU kernels {env['torch_cpu_capability']};" in out, out
     assert "native build    memstate._C" in out
+    assert "Fingerprint     C type (memstate._fingerprint)" in out
     assert "CPU kernel env" not in out or env["cpu_kernel_env"]
 
 
