@@ -148,6 +148,11 @@ def cpu_capability_env(target: str, here: Optional[str], machine: Optional[str] 
     return dict(_LOWER_CPU_CAPABILITY[target])
 
 
+def cpu_kernel_env() -> dict:
+    """The CPU_KERNEL_ENV_VARS set in this process's environment, as cards and trails record them."""
+    return {k: os.environ[k] for k in CPU_KERNEL_ENV_VARS if k in os.environ}
+
+
 def card_kernel_env(recorded: dict, here: Optional[str]) -> dict:
     """The CPU kernel variables a replay of a card whose environment is ``recorded`` runs with:
     those the card records as set (``cpu_kernel_env``; only CPU_KERNEL_ENV_VARS names with short
@@ -175,7 +180,7 @@ def environment() -> dict:
         "python": platform.python_version(), "machine": platform.machine(), "devices": devices,
         "cpu_isa": info.get("cpu_isa"), "cuda_kernels": info.get("cuda"), "threads": torch.get_num_threads(),
         "cpu": cpu_model(), "torch_cpu_capability": cpu_capability(),
-        "cpu_kernel_env": {k: os.environ[k] for k in CPU_KERNEL_ENV_VARS if k in os.environ},
+        "cpu_kernel_env": cpu_kernel_env(),
         "determinism": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,

@@ -230,13 +230,12 @@ static PyObject* fp_from_rows(const uint64_t* rows, Py_ssize_t n) {
   PyObject* out = PyList_New(n);
   if (out == NULL) return NULL;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    FpObject* fp = PyObject_New(FpObject, &FingerprintType);
+    PyObject* fp = fp_from_raw(&FingerprintType, (const unsigned char*)(rows + 2 * i));
     if (fp == NULL) {
       Py_DECREF(out);
       return NULL;
     }
-    memcpy(fp->raw, rows + 2 * i, 16);
-    PyList_SET_ITEM(out, i, (PyObject*)fp);
+    PyList_SET_ITEM(out, i, fp);
   }
   return out;
 }

@@ -340,7 +340,7 @@ class Trail:
             "platform": platform.platform(),
             "cpu": _card.cpu_model(),
             "torch_cpu_capability": _card.cpu_capability(),
-            "cpu_kernel_env": {k: os.environ[k] for k in _card.CPU_KERNEL_ENV_VARS if k in os.environ},
+            "cpu_kernel_env": _card.cpu_kernel_env(),
             "device": device,
             "cuda_device": cuda_name,
             "cuda_version": torch.version.cuda,
