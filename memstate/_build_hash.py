@@ -11,13 +11,15 @@ import os
 SOURCE_SUFFIXES = (".h", ".cpp", ".cu", ".cuh")
 
 
-def source_hash(csrc_dir: str) -> str:
-    """sha256 (first 16 hex digits) over the relative paths and bytes of every native source."""
+def source_hash(csrc_dir: str, suffixes=SOURCE_SUFFIXES) -> str:
+    """sha256 (first 16 hex digits) over the relative paths and bytes of every source file
+    under ``csrc_dir`` whose name ends with one of ``suffixes`` (default: the native sources;
+    memstate.card hashes the package's own ``.py`` files the same way)."""
     h = hashlib.sha256()
     paths = []
     for root, _dirs, files in os.walk(csrc_dir):
         for name in files:
-            if name.endswith(SOURCE_SUFFIXES):
+            if name.endswith(tuple(suffixes)):
                 paths.append(os.path.join(root, name))
     for path in sorted(paths, key=lambda p: os.path.relpath(p, csrc_dir).replace(os.sep, "/")):
         rel = os.path.relpath(path, csrc_dir).replace(os.sep, "/")

@@ -58,6 +58,7 @@ the configuration, or a configuration this memstate refuses.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -90,6 +91,20 @@ def _canonical(obj) -> bytes:
 def checksum(card: dict) -> str:
     """The card's xxh3-128 over everything but ``card_xxh3_128`` (unkeyed: detects accidents)."""
     return xxhash.xxh3_128_hexdigest(_canonical({k: v for k, v in card.items() if k != "card_xxh3_128"}))
+
+
+@functools.lru_cache(maxsize=None)
+def memstate_code() -> dict:
+    """Which memstate code computes here: the native build's source hash (baked in at build
+    time, None when unbuilt) and the same hash over the package's own ``.py`` files. Seed
+    files and torchrun ranks compare it (RESUME_ENVIRONMENT): results of different code are
+    never mixed into one card. Cards record it but a replay does not require it (other code
+    that gives the same bits replays the card)."""
+    from memstate import _ext
+    from memstate._build_hash import source_hash
+
+    return {"native": _ext.build_info().get("source_hash"),
+            "python": source_hash(os.path.dirname(os.path.abspath(__file__)), (".py",))}
 
 
 def cpu_model() -> Optional[str]:
@@ -180,7 +195,7 @@ def environment() -> dict:
         "python": platform.python_version(), "machine": platform.machine(), "devices": devices,
         "cpu_isa": info.get("cpu_isa"), "cuda_kernels": info.get("cuda"), "threads": torch.get_num_threads(),
         "cpu": cpu_model(), "torch_cpu_capability": cpu_capability(),
-        "cpu_kernel_env": cpu_kernel_env(),
+        "cpu_kernel_env": cpu_kernel_env(), "memstate_code": memstate_code(),
         "determinism": {
             "use_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_deterministic": torch.backends.cudnn.deterministic,
@@ -194,16 +209,20 @@ def environment() -> dict:
 # card's creation-time thread count do not: replay runs the config's thread count).
 REPLAY_ENVIRONMENT = ("torch", "cuda", "python", "machine", "devices", "cpu", "torch_cpu_capability", "cpu_isa",
                       "cuda_kernels", "determinism")
+# ... and what must also match to add seeds to a run (a resumed run's seed files, torchrun's
+# ranks): the same memstate code, so that one card never mixes results of two versions.
+RESUME_ENVIRONMENT = REPLAY_ENVIRONMENT + ("memstate_code",)
 
 
 def environment_differences(recorded: dict, here: Optional[dict] = None, source: str = "card",
-                            here_name: str = "here") -> List[str]:
+                            here_name: str = "here", keys: Sequence[str] = REPLAY_ENVIRONMENT) -> List[str]:
     """What differs between a recorded environment (a card's; ``source`` names it) and this
-    machine's (or ``here``), as "key: card X, here Y" lines (REPLAY_ENVIRONMENT keys; a key the
-    record lacks, as in cards written before it was added, is "not recorded")."""
+    machine's (or ``here``), as "key: card X, here Y" lines (``keys``: REPLAY_ENVIRONMENT, or
+    RESUME_ENVIRONMENT; a key the record lacks, as in cards written before it was added, is
+    "not recorded")."""
     here = environment() if here is None else here
     out = []
-    for k in REPLAY_ENVIRONMENT:
+    for k in keys:
         if k not in here:
             continue
         if k not in recorded:

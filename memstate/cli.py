@@ -50,8 +50,11 @@ def _info_lines() -> List[str]:
         ]
     else:
         lines.append(f"native build    NOT AVAILABLE: {info['error']}")
+    from memstate.card import memstate_code
     from memstate.fingerprint import _NATIVE_FINGERPRINT
 
+    lines.append(f"python sources  {memstate_code()['python']} (a resumed run's seed files and torchrun's "
+                 "ranks must share them and the native sources)")
     lines.append("Fingerprint     " + ("C type (memstate._fingerprint)" if _NATIVE_FINGERPRINT else
                                        "Python reference class (memstate._fingerprint is not built)"))
     if torch.cuda.is_available():
@@ -477,9 +480,14 @@ def _rerun_at_card_capability(args, card: dict) -> Optional[int]:
     return _rerun_with_kernel_env(args, "replay", env, why) if env else None
 
 
+def _code_text(code: dict) -> str:
+    return f"native sources {code.get('native')}, python sources {code.get('python')}"
+
+
 def cmd_replay(args) -> int:
     from memstate.card import (CardError, TaskChangedError, cpu_capability, cpu_capability_env,
-                               environment_differences, is_user_task, read_card, replay, validate_card)
+                               environment_differences, is_user_task, memstate_code, read_card, replay,
+                               validate_card)
 
     try:
         card = read_card(args.card)  # imports nothing
@@ -525,6 +533,10 @@ def cmd_replay(args) -> int:
                          allow_changed_task=args.allow_changed_task)
     if problem:
         print(f"memstate replay: FAIL: {problem}")
+        code = card["environment"].get("memstate_code")
+        if isinstance(code, dict) and code != memstate_code():
+            print(f"memstate replay: (the card was made by other memstate code, {_code_text(code)}; here "
+                  f"{_code_text(memstate_code())}: a change to memstate that alters results fails here too)")
         if env_diff:
             print("memstate replay: (this environment differs from the card's, see the NOTE above: across CPU "
                   "kinds or torch builds a mismatch is expected and says nothing about the card)")

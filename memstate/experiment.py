@@ -507,10 +507,10 @@ class Experiment:
                               f"{rec.get('config_hash')!r}, this run's is {want!r}); not mixing it in")
         recorded = rec.pop(SEED_ENVIRONMENT, None)  # files written before it was recorded have none
         if recorded is not None:
-            from memstate.card import environment_differences
+            from memstate.card import RESUME_ENVIRONMENT, environment_differences
 
-            diff = environment_differences(recorded, source="seed file") if isinstance(recorded, dict) else \
-                ["unreadable"]
+            diff = environment_differences(recorded, source="seed file", keys=RESUME_ENVIRONMENT) \
+                if isinstance(recorded, dict) else ["unreadable"]
             if diff:
                 raise ConfigError(f"{path} was computed in another environment ({'; '.join(diff)}); a card mixing "
                                   "environments could not be replayed bitwise anywhere: resume where the run "
@@ -570,12 +570,12 @@ SEED_ENVIRONMENT = "environment"
 
 
 def replay_environment() -> dict:
-    """This process's environment as far as bitwise results depend on it (the card's
-    REPLAY_ENVIRONMENT keys)."""
-    from memstate.card import REPLAY_ENVIRONMENT, environment
+    """This process's environment as far as bitwise results depend on it, and the memstate
+    code computing them (the card's RESUME_ENVIRONMENT keys)."""
+    from memstate.card import RESUME_ENVIRONMENT, environment
 
     env = environment()
-    return {k: env[k] for k in REPLAY_ENVIRONMENT}
+    return {k: env[k] for k in RESUME_ENVIRONMENT}
 
 
 def _read_seed_file(path: str) -> dict:

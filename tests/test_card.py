@@ -112,6 +112,29 @@ def test_replay_names_what_differs_in_the_environment(card, tmp_path):
     assert (lines[-1] == hint) == bool(cardmod.cpu_capability_env("AVX2", cardmod.cpu_capability())), out
 
 
+def test_cards_record_the_memstate_code_and_a_failed_replay_names_a_difference(card, tmp_path):
+    """Other memstate code may replay a card (the same bits are the same result): no NOTE and a
+    PASS; but when the replay fails, the FAIL says the code differs, next to what it found."""
+    assert card["environment"]["memstate_code"] == cardmod.memstate_code()
+    other = copy.deepcopy(card)
+    other["environment"]["memstate_code"] = {"native": "0" * 16, "python": "1" * 16}
+    path = tmp_path / "card.json"
+    cardmod.write_card(_resign(other), str(path))
+    rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+    assert rc == 0 and "NOTE" not in out and "memstate code" not in out, (out, err)
+    code = cardmod.memstate_code()
+    said = (f"memstate replay: (the card was made by other memstate code, native sources {'0' * 16}, python sources "
+            f"{'1' * 16}; here native sources {code['native']}, python sources {code['python']}: a change to "
+            "memstate that alters results fails here too)")
+    for c, expected in ((other, True), (copy.deepcopy(card), False)):
+        c["seeds"][0]["arms"]["control"]["losses"][0] = 9.0
+        cardmod.write_card(_resign(c), str(path))
+        rc, out, err = _cli(["replay", str(path), "--seeds", "0", "--no-progress"], tmp_path)
+        lines = out.strip().splitlines()
+        assert rc == 1 and "FAIL: seed 0, arm control, step 4" in out, (out, err)
+        assert (said in lines) == expected and ("memstate code" in out) == expected, out
+
+
 def test_cpu_capability_env_only_lowers_on_x86():
     env = cardmod.cpu_capability_env
     assert env("AVX2", "AVX512", "x86_64") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

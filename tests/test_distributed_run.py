@@ -201,6 +201,28 @@ def test_ranks_in_different_environments_refuse_to_make_or_replay_one_card(tmp_p
     assert verdict.startswith(mixed) and verdict.endswith(": replay every seed on one machine kind"), verdict
 
 
+def test_ranks_running_other_memstate_code_are_a_mismatch():
+    """A node with another memstate checkout (a changed .py or native source) is refused like
+    another machine kind, naming the code; the same code on every rank is not."""
+    import json
+
+    from memstate.experiment import replay_environment
+
+    class Gathered:  # what session.all_gather returns: every rank's text, rank 0 first
+        def __init__(self, *envs):
+            self.texts = [json.dumps(e, sort_keys=True) for e in envs]
+
+        def all_gather(self, text):
+            return self.texts
+
+    here = replay_environment()
+    assert launch.environment_mismatch(Gathered(here, here), here) is None
+    other = dict(here, memstate_code=dict(here["memstate_code"], python="0" * 16))
+    mixed = launch.environment_mismatch(Gathered(here, other), here)
+    assert mixed == (f"rank 1 runs in another environment than rank 0 (memstate_code: rank 1 "
+                     f"{other['memstate_code']!r}, rank 0 {here['memstate_code']!r})"), mixed
+
+
 def test_a_rank_that_raises_fails_every_rank_and_keeps_the_others_seeds(tmp_path):
     errors = run_ranks(_run_with_a_raising_rank, 2, str(tmp_path), timeout=180)
     assert errors[0] == errors[1]

@@ -275,6 +275,58 @@ def test_resume_refuses_seed_files_computed_in_another_environment(tmp_path):
     assert exp.run(out_dir=out, resume=True).records == first.records
 
 
+def test_resume_refuses_seed_files_computed_by_other_memstate_code(tmp_path):
+    """The same machine but another memstate (native or Python sources changed between the
+    interrupted run and --resume): its seeds are not mixed in; a seed file from before the code
+    was recorded cannot say which code made it and is refused too."""
+    import json
+
+    from memstate.card import memstate_code
+
+    out = str(tmp_path)
+    exp = Experiment("digits", "reset_momentum", t0=4, horizon=8, seeds=2, window=2, aa_check=False)
+    exp.run(out_dir=out)
+    path = tmp_path / "seeds" / "seed_0.json"
+    rec = json.loads(path.read_text())
+    here = memstate_code()
+    assert rec["environment"]["memstate_code"] == here and set(here) == {"native", "python"}
+    for part in ("python", "native"):
+        edited = dict(rec, environment=dict(rec["environment"], memstate_code=dict(here, **{part: "0" * 16})))
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ConfigError) as e:
+            exp.run(out_dir=out, resume=True)
+        assert str(e.value).startswith(f"{path} was computed in another environment (memstate_code: seed file "
+                                       f"{edited['environment']['memstate_code']!r}, here {here!r})"), e.value
+    del rec["environment"]["memstate_code"]
+    path.write_text(json.dumps(rec))
+    with pytest.raises(ConfigError, match="memstate_code: not recorded in the seed file"):
+        exp.run(out_dir=out, resume=True)
+
+
+def test_memstate_code_hashes_the_package_sources(tmp_path):
+    """The Python half of memstate_code: every .py file's path and bytes (a one-byte edit, a
+    renamed file, a new module change it; bytecode caches and other files do not)."""
+    from memstate._build_hash import source_hash
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    h0 = source_hash(str(tmp_path / "pkg"), (".py",))
+    (tmp_path / "pkg" / "sub" / "b.cpython-311.pyc").write_bytes(b"\0" * 8)
+    (tmp_path / "pkg" / "notes.txt").write_text("ignored")
+    assert source_hash(str(tmp_path / "pkg"), (".py",)) == h0
+    (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
+    h1 = source_hash(str(tmp_path / "pkg"), (".py",))
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").rename(tmp_path / "pkg" / "sub" / "c.py")
+    h2 = source_hash(str(tmp_path / "pkg"), (".py",))
+    (tmp_path / "pkg" / "sub" / "c.py").rename(tmp_path / "pkg" / "sub" / "b.py")
+    assert source_hash(str(tmp_path / "pkg"), (".py",)) == h0
+    (tmp_path / "pkg" / "d.py").write_text("")
+    h3 = source_hash(str(tmp_path / "pkg"), (".py",))
+    assert len({h0, h1, h2, h3}) == 4
+
+
 def test_n5_effect_with_small_p_t_is_significant_after_holm_over_3_metrics():
     """Regression: Holm used to adjust the sign-flip p (floor 0.0625 at n = 5), so p_holm was
     >= 0.19 whatever the data. Synthetic per-seed values through the real result pipeline."""

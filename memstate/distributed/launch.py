@@ -179,12 +179,12 @@ def environment_mismatch(session: Session, here: dict) -> Optional[str]:
     """None when every rank's ``here`` (memstate.experiment.replay_environment) is rank 0's;
     otherwise "rank R runs in another environment than rank 0 (what differs)" for the first
     rank that does not, the same on every rank."""
-    from memstate.card import environment_differences
+    from memstate.card import RESUME_ENVIRONMENT, environment_differences
 
     envs = session.all_gather(json.dumps(here, sort_keys=True))
     for r, text in enumerate(envs):
         diff = environment_differences(json.loads(text), here=json.loads(envs[0]), source=f"rank {r}",
-                                       here_name="rank 0")
+                                       here_name="rank 0", keys=RESUME_ENVIRONMENT)
         if diff:
             return f"rank {r} runs in another environment than rank 0 ({'; '.join(diff)})"
     return None
