@@ -295,6 +295,44 @@ pybind11::dict build_info() {
   return d;
 }
 
+// Whether t's elements fill one gap-free block of memory in some dimension order (contiguous,
+// channels_last, permuted): then [data, data + nbytes) is exactly its memory.
+bool dense_block(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dimensions of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// The first pair of tensors a fused call would refuse as overlapping (check_no_overlap's rule:
+// a written tensor may share no byte with any other tensor of the call): None, or (i, j, same)
+// with tensors[i] hitting the earlier tensors[j], same when they are exactly the same bytes.
+// Tensors as the optimizers' kernels take them (memstate/optim/_base.py, _KernelViews): a
+// complex tensor is its real view's bytes; a strided tensor that is not one dense block is
+// staged through a copy and is left out. The optimizers check a whole step with it before
+// any bucket runs.
+pybind11::object first_overlap(const std::vector<at::Tensor>& tensors, const std::vector<bool>& written) {
+  TORCH_CHECK(tensors.size() == written.size(), "memstate.first_overlap: ", tensors.size(), " tensors but ",
+              written.size(), " written flags");
+  std::vector<memstate::ByteRange> ranges;
+  ranges.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].is_contiguous() || dense_block(tensors[i])) {
+      ranges.push_back(memstate::byte_range(tensors[i], "", i, written[i]));
+    }
+  }
+  const auto [r, hit] = memstate::find_overlap(ranges);
+  if (r == nullptr) return pybind11::none();
+  return pybind11::make_tuple(r->index, hit->index, hit->begin == r->begin && hit->end == r->end);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -303,6 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   memstate::bind_fingerprint_rows(m);  // memstate._C.fingerprints_from_rows (cpu/kernels.h)
   memstate::bind_fingerprint_many(m);  // memstate._C.fingerprint_many_cpu (cpu/kernels.h)
   m.def("build_info", &build_info, "How this extension was built.");
+  m.def("first_overlap", &first_overlap, "The first overlapping pair a fused call would refuse, or None.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "
         "depend on it).");

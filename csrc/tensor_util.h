@@ -104,10 +104,10 @@ inline ByteRange byte_range(const at::Tensor& t, const char* name, size_t index,
           written};
 }
 
-// Refuses any written range that overlaps another range (written or read): the kernels split
-// tensors into chunks processed in any order, so an overlap would race. Reads may overlap each
-// other. Empty ranges are ignored. The error names both arguments. O(n log n).
-inline void check_no_overlap(std::vector<ByteRange> ranges, const char* op) {
+// The first overlap check_no_overlap refuses: a written range that overlaps another range
+// (written or read), as {the range, the earlier range it hits}; {nullptr, nullptr} when there
+// is none. Reads may overlap each other; empty ranges are ignored. Sorts `ranges`. O(n log n).
+inline std::pair<const ByteRange*, const ByteRange*> find_overlap(std::vector<ByteRange>& ranges) {
   ranges.erase(std::remove_if(ranges.begin(), ranges.end(), [](const ByteRange& r) { return r.end <= r.begin; }),
                ranges.end());
   std::sort(ranges.begin(), ranges.end(), [](const ByteRange& a, const ByteRange& b) {
@@ -117,16 +117,24 @@ inline void check_no_overlap(std::vector<ByteRange> ranges, const char* op) {
   const ByteRange* far_written = nullptr;  // earlier written range reaching furthest
   for (const ByteRange& r : ranges) {
     const ByteRange* hit = r.written ? far_any : far_written;
-    if (hit != nullptr && hit->end > r.begin) {
-      const bool same = hit->begin == r.begin && hit->end == r.end;
-      TORCH_CHECK(false, "memstate.", op, ": ", r.name, "[", r.index, "] ", same ? "is the same memory as " : "overlaps ",
-                  hit->name, "[", hit->index, "]; ",
-                  r.written && hit->written ? "a destination may be written only once per call"
-                                            : "a destination may not overlap a source");
-    }
+    if (hit != nullptr && hit->end > r.begin) return {&r, hit};
     if (far_any == nullptr || r.end > far_any->end) far_any = &r;
     if (r.written && (far_written == nullptr || r.end > far_written->end)) far_written = &r;
   }
+  return {nullptr, nullptr};
+}
+
+// Refuses any written range that overlaps another range (written or read): the kernels split
+// tensors into chunks processed in any order, so an overlap would race. The error names both
+// arguments.
+inline void check_no_overlap(std::vector<ByteRange> ranges, const char* op) {
+  const auto [r, hit] = find_overlap(ranges);
+  if (r == nullptr) return;
+  const bool same = hit->begin == r->begin && hit->end == r->end;
+  TORCH_CHECK(false, "memstate.", op, ": ", r->name, "[", r->index, "] ", same ? "is the same memory as " : "overlaps ",
+              hit->name, "[", hit->index, "]; ",
+              r->written && hit->written ? "a destination may be written only once per call"
+                                         : "a destination may not overlap a source");
 }
 
 // Validates a tensor list for a byte-level op and returns dense, contiguous tensors whose bytes

@@ -284,9 +284,11 @@ def test_state_fingerprint_after_zero_grad_set_to_none():
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "Adagrad", "LAMB"])
-def test_step_refused_by_the_kernel_leaves_step_counters(name):
-    # The kernel refuses a gradient that is the parameter's own memory, after the Python layer
-    # advanced the step counters: they must be put back (they stayed advanced before).
+@pytest.mark.parametrize("checked", [True, False])
+def test_step_refused_by_the_kernel_leaves_step_counters(name, checked):
+    # A gradient that is the parameter's own memory: the Python layer refuses it before anything
+    # runs (ValueError naming both). With that check bypassed, the kernel refuses it after the
+    # Python layer advanced the step counters: they must be put back (they stayed advanced once).
     p = torch.nn.Parameter(torch.randn(5))
     opt = getattr(mo, name)([p])
     p.grad = torch.randn(5)
@@ -294,11 +296,46 @@ def test_step_refused_by_the_kernel_leaves_step_counters(name):
     before = {k: v.clone() for k, v in opt.state[p].items()}
     p_before = p.detach().clone()
     p.grad = p.detach()
-    with pytest.raises(RuntimeError, match="same memory"):
-        opt.step()
+    if checked:
+        with pytest.raises(ValueError, match=r"the gradient of parameter 0 \(param_groups\[0\]\['params'\]\[0\], "
+                                             r"shape \(5,\)\) is the same memory as parameter 0"):
+            opt.step()
+    else:
+        opt._check_no_overlap = lambda group, buckets: None
+        with pytest.raises(RuntimeError, match="same memory"):
+            opt.step()
     for k, v in before.items():
         assert torch.equal(opt.state[p][k], v), k
     assert torch.equal(p.detach(), p_before)
     p.grad = torch.randn(5)
     opt.step()
     assert float(opt.state[p]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "LAMB"])
+def test_a_step_refused_in_its_second_bucket_modifies_nothing(name):
+    """Found by tests/test_optim_plan_fuzz.py: parameters of two dtypes (or listed twice, or in
+    two groups) step in several native calls; a gradient aliasing a written tensor in a later
+    bucket used to be refused by that bucket's kernel after the first bucket had stepped (a
+    half step, and the error did not say so). Every bucket is now checked before any runs."""
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    ps = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
+    opt = getattr(mo, name)(ps, lr=0.1, **kw)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    victim = next(v for v in opt.state[ps[1]].values() if torch.is_tensor(v) and v.shape == ps[1].shape)
+    key = next(k for k, v in opt.state[ps[1]].items() if v is victim)
+    ps[1].grad = victim
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+              for p in ps]
+    with pytest.raises(ValueError, match=rf"the gradient of parameter 1 .* is the same memory as state '{key}' of "
+                                         r"parameter 1 .*; a gradient may not share memory with a tensor the step "
+                                         r"writes"):
+        opt.step()
+    for p, (q, st) in zip(ps, before):
+        assert torch.equal(p.detach(), q)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())

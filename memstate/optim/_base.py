@@ -508,6 +508,44 @@ class FusedOptimizer(Optimizer):
                      rows if self.fingerprint else None)
         return rows
 
+    def _check_no_overlap(self, group, buckets) -> None:
+        """Raises ValueError, naming both tensors, when a bucket's kernel would refuse its
+        tensors as overlapping (a written tensor, i.e. a parameter or one of its existing state
+        buffers of this group's roles, sharing memory with any other tensor of the bucket, a
+        gradient included), so that no bucket of the step runs. State created by this step is
+        fresh memory."""
+        keys = self._roles(group)[2:]
+        state = self.state
+        for bucket, grads in buckets:
+            tensors, written, who = [], [], []  # who: (parameter, None | "grad" | state key)
+            for p, g in zip(bucket, grads):
+                tensors += (p, g)
+                written += (True, False)
+                who += ((p, None), (p, "grad"))
+                st = state.get(p)
+                if st:
+                    for k in keys:
+                        v = st.get(k)
+                        if isinstance(v, torch.Tensor):
+                            tensors.append(v)
+                            written.append(True)
+                            who.append((p, k))
+            hit = _ext.load().first_overlap(tensors, written)  # (as _KernelViews: staged tensors cannot race)
+            if hit is not None:
+                i, j, same = hit
+
+                def name(k):
+                    p, what = who[k]
+                    label = self._param_label(p)
+                    return label if what is None else f"the gradient of {label}" if what == "grad" else \
+                        f"state '{what}' of {label}"
+
+                raise ValueError(
+                    f"memstate.optim.{self._name}: {name(i)} {'is the same memory as' if same else 'overlaps'} "
+                    f"{name(j)}; " + ("a tensor the step writes may be written only once per step"
+                                      if written[i] and written[j] else
+                                      "a gradient may not share memory with a tensor the step writes"))
+
     def _roles(self, group) -> Tuple[str, ...]:
         """Names of the kernel's roles for this group: param, grad, then state keys used."""
         raise NotImplementedError
@@ -576,6 +614,14 @@ class FusedOptimizer(Optimizer):
             self._check_group(gi, group)
             for p in params:
                 self._check_param(group, p)
+        # each group's dense buckets with the gradients their kernels take, checked together:
+        # a bucket refused by its kernel after another bucket ran would leave a half step
+        work = []
+        for group, params in zip(self.param_groups, groups_params):
+            buckets = [(b, [self._grad(p) for p in b]) for b in self._buckets([p for p in params
+                                                                               if not p.grad.is_sparse])]
+            self._check_no_overlap(group, buckets)
+            work.append(buckets)
         self.last_step_skipped = False
         self._pending = []
         self._fingerprints, self._fp_watch = {}, []  # a skipped step has no fingerprints
@@ -585,13 +631,12 @@ class FusedOptimizer(Optimizer):
             self.skipped_steps += 1
             return loss
         self._begin_step(groups_params)
-        for group, params in zip(self.param_groups, groups_params):
+        for group, params, buckets in zip(self.param_groups, groups_params, work):
             for p in params:
                 if not self.state.get(p):
                     self._init_state(group, p)
-            dense = [p for p in params if not p.grad.is_sparse]
-            for bucket in self._buckets(dense):
-                rows = self._step_bucket(group, bucket, [self._grad(p) for p in bucket])
+            for bucket, grads in buckets:
+                rows = self._step_bucket(group, bucket, grads)
                 if self.fingerprint:
                     self._pending.append((bucket, self._roles(group), rows))
             for p in params:
