@@ -311,21 +311,40 @@ bool dense_block(const at::Tensor& t) {
   return true;
 }
 
-// The first pair of tensors a fused call would refuse as overlapping (check_no_overlap's rule:
-// a written tensor may share no byte with any other tensor of the call): None, or (i, j, same)
-// with tensors[i] hitting the earlier tensors[j], same when they are exactly the same bytes.
-// Tensors as the optimizers' kernels take them (memstate/optim/_base.py, _KernelViews): a
-// complex tensor is its real view's bytes; a strided tensor that is not one dense block is
-// staged through a copy and is left out. The optimizers check a whole step with it before
-// any bucket runs.
-pybind11::object first_overlap(const std::vector<at::Tensor>& tensors, const std::vector<bool>& written) {
-  TORCH_CHECK(tensors.size() == written.size(), "memstate.first_overlap: ", tensors.size(), " tensors but ",
-              written.size(), " written flags");
+// The first pair of tensors of an optimizer step that a fused call would refuse as overlapping
+// (check_no_overlap's rule: a written tensor may share no byte with any other tensor): None,
+// or (i, j, same) with entry i hitting the earlier entry j, same when they are exactly the same
+// bytes. Entries, in order: per parameter i, params[i] (written), grads[i] (read; two
+// parameters may share one gradient), then the tensor values of states[i] (a dict, or None) under `keys`
+// in that order (None: every value, in the dict's order), written. Tensors as the optimizers'
+// kernels take them (memstate/optim/_base.py, _KernelViews): a complex tensor is its real
+// view's bytes; a strided tensor that is not one dense block is staged through a copy and is
+// left out. Walking the dicts here, not in Python, keeps the check at ~0.1 us a tensor.
+pybind11::object first_step_overlap(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                    const pybind11::list& states, const pybind11::object& keys) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == states.size(), "memstate.first_step_overlap: ",
+              params.size(), " params, ", grads.size(), " grads, ", states.size(), " states");
   std::vector<memstate::ByteRange> ranges;
-  ranges.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].is_contiguous() || dense_block(tensors[i])) {
-      ranges.push_back(memstate::byte_range(tensors[i], "", i, written[i]));
+  ranges.reserve(params.size() * 4);
+  size_t index = 0;
+  const auto add = [&](const at::Tensor& t, bool written) {
+    if (t.is_contiguous() || dense_block(t)) ranges.push_back(memstate::byte_range(t, "", index, written));
+    ++index;
+  };
+  const auto add_value = [&](pybind11::handle v) {
+    if (v.ptr() != nullptr && THPVariable_Check(v.ptr())) add(THPVariable_Unpack(v.ptr()), true);
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    add(params[i], true);
+    add(grads[i], false);
+    pybind11::handle st = states[i];
+    if (st.is_none()) continue;
+    TORCH_CHECK(PyDict_Check(st.ptr()), "memstate.first_step_overlap: states[", i, "] is not a dict");
+    if (keys.is_none()) {
+      for (auto item : pybind11::reinterpret_borrow<pybind11::dict>(st)) add_value(item.second);
+    } else {
+      for (pybind11::handle k : pybind11::reinterpret_borrow<pybind11::iterable>(keys)) add_value(PyDict_GetItemWithError(st.ptr(), k.ptr()));
+      if (PyErr_Occurred()) throw pybind11::error_already_set();
     }
   }
   const auto [r, hit] = memstate::find_overlap(ranges);
@@ -341,7 +360,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   memstate::bind_fingerprint_rows(m);  // memstate._C.fingerprints_from_rows (cpu/kernels.h)
   memstate::bind_fingerprint_many(m);  // memstate._C.fingerprint_many_cpu (cpu/kernels.h)
   m.def("build_info", &build_info, "How this extension was built.");
-  m.def("first_overlap", &first_overlap, "The first overlapping pair a fused call would refuse, or None.");
+  m.def("first_step_overlap", &first_step_overlap,
+        "The first overlapping pair of an optimizer step's tensors that a fused call would refuse, or None.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "
         "depend on it).");

@@ -258,3 +258,30 @@ def test_cuda_equals_cpu():
         og.step()
         assert torch.equal(oc.last_grad_norm, og.last_grad_norm.cpu())
     assert all(torch.equal(a.detach(), b.detach().cpu()) for a, b in zip(pc, pg))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("where", ["same group", "other group"])
+def test_a_gradient_aliasing_state_is_refused_before_it_is_scaled(name, where):
+    """Scaling writes the gradients: a gradient that is another tensor's memory (here a state
+    buffer of the same or of another group's parameter) would change that tensor before the
+    step could refuse it. Found by tests/test_optim_plan_fuzz.py: the state buffer came out
+    scaled by a refused step. Now a ValueError before anything is scaled, checked across groups."""
+    cls, _, kw = OPTS[name]
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    groups = [{"params": [a, b]}] if where == "same group" else [{"params": [a]}, {"params": [b]}]
+    opt = cls(groups, max_grad_norm=1e-3, **kw)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(6), torch.randn(6)
+        opt.step()
+    key = next(k for k, v in opt.state[a].items() if torch.is_tensor(v) and v.shape == a.shape)
+    a.grad, b.grad = torch.randn(6), opt.state[a][key]  # together far above max_grad_norm: both would be scaled
+
+    def everything():
+        return [t for t in (a, b, a.grad, *opt.state[a].values(), *opt.state[b].values()) if torch.is_tensor(t)]
+
+    before = [t.detach().clone() for t in everything()]
+    with pytest.raises(ValueError, match=rf"the gradient of parameter 1 .* is the same memory as state '{key}' of "
+                                         r"parameter 0 .*; max_grad_norm scales the gradients in place"):
+        opt.step()
+    assert all(torch.equal(t, u) for t, u in zip(everything(), before))

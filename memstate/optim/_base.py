@@ -514,37 +514,42 @@ class FusedOptimizer(Optimizer):
         buffers of this group's roles, sharing memory with any other tensor of the bucket, a
         gradient included), so that no bucket of the step runs. State created by this step is
         fresh memory."""
-        keys = self._roles(group)[2:]
-        state = self.state
+        keys = tuple(self._roles(group)[2:])
         for bucket, grads in buckets:
-            tensors, written, who = [], [], []  # who: (parameter, None | "grad" | state key)
-            for p, g in zip(bucket, grads):
-                tensors += (p, g)
-                written += (True, False)
-                who += ((p, None), (p, "grad"))
-                st = state.get(p)
-                if st:
-                    for k in keys:
-                        v = st.get(k)
-                        if isinstance(v, torch.Tensor):
-                            tensors.append(v)
-                            written.append(True)
-                            who.append((p, k))
-            hit = _ext.load().first_overlap(tensors, written)  # (as _KernelViews: staged tensors cannot race)
-            if hit is not None:
-                i, j, same = hit
+            self._refuse_overlap(bucket, grads, keys)
 
-                def name(k):
-                    p, what = who[k]
-                    label = self._param_label(p)
-                    return label if what is None else f"the gradient of {label}" if what == "grad" else \
-                        f"state '{what}' of {label}"
+    def _refuse_overlap(self, params, grads, keys, clipping: bool = False) -> None:
+        """ValueError naming the first overlapping pair among ``params`` (written), their
+        ``grads`` (read; ``clipping``: the message says that max_grad_norm scales them in place)
+        and their tensor state under ``keys`` (written; None: every key): one native
+        ``first_step_overlap`` call, which
+        takes the tensors as the kernels do (staged ones cannot race) and walks the state dicts
+        itself (per-tensor Python here cost ~3 us a parameter)."""
+        state = self.state
+        hit = _ext.load().first_step_overlap(params, grads, list(map(state.get, params)), keys)
+        if hit is None:
+            return
+        i, j, same = hit
+        who = []  # the entries in first_step_overlap's order: (parameter, None | "grad" | state key, written)
+        for p in params:
+            who += ((p, None, True), (p, "grad", False))
+            st = state.get(p)
+            if st is not None:
+                who += ((p, k, True) for k in (st if keys is None else keys) if isinstance(st.get(k), torch.Tensor))
 
-                raise ValueError(
-                    f"memstate.optim.{self._name}: {name(i)} {'is the same memory as' if same else 'overlaps'} "
-                    f"{name(j)}; " + ("a tensor the step writes may be written only once per step"
-                                      if written[i] and written[j] else
-                                      "a gradient may not share memory with a tensor the step writes"))
+        def name(k):
+            p, what, _ = who[k]
+            label = self._param_label(p)
+            return label if what is None else f"the gradient of {label}" if what == "grad" else \
+                f"state '{what}' of {label}"
+
+        reason = ("a tensor the step writes may be written only once per step" if who[i][2] and who[j][2] else
+                  "a gradient may not share memory with a tensor the step writes")
+        if clipping:
+            reason = "max_grad_norm scales the gradients in place: a gradient may not share memory with a " \
+                     "parameter or its state"
+        raise ValueError(f"memstate.optim.{self._name}: {name(i)} {'is the same memory as' if same else 'overlaps'} "
+                         f"{name(j)}; {reason}")
 
     def _roles(self, group) -> Tuple[str, ...]:
         """Names of the kernel's roles for this group: param, grad, then state keys used."""

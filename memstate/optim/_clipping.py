@@ -60,12 +60,20 @@ def _stepped_params(opt, check_grads: bool) -> List[torch.Tensor]:
     return out
 
 
+def _check_grads_alias_nothing(opt, params: List[torch.Tensor]) -> None:
+    """Scaling writes every gradient: one that shares memory with a parameter or any tensor
+    state of the step (any group) would change it before the step could refuse it. Checked
+    across the whole step, in one native call, before anything is scaled."""
+    opt._refuse_overlap(params, [p.grad for p in params], None, clipping=True)
+
+
 def clip_before_step(opt) -> None:
     """Runs at the start of every ``FusedOptimizer.step``: nothing when ``max_grad_norm`` is None;
     else sets ``opt.last_grad_norm`` (the pre-clip norm, a 0-d tensor as clip_grad_norm_ returns)
     and scales the gradients in place (LAMB: records the float64 norm for its kernel instead).
-    Group hyperparameters and gradients are checked first (a step refused for them has scaled
-    nothing); state tensors are checked by the step, after the scaling.
+    Group hyperparameters and gradients are checked first, and that no gradient shares memory
+    with a parameter or state tensor of the step (a step refused for them has scaled nothing);
+    the state tensors' dtypes and shapes are checked by the step, after the scaling.
 
     With ``skip_if_nonfinite`` the non-finite check comes first: if the step is going to be
     skipped, no norm is computed and nothing is scaled (``last_grad_norm`` stays None). On CUDA
@@ -84,6 +92,8 @@ def clip_before_step(opt) -> None:
         opt.last_grad_norm, opt._grad_norm_f64 = torch.tensor(0.0), 0.0
         return
     grads = [p.grad for p in params]
+    if not in_kernel:
+        _check_grads_alias_nothing(opt, params)
     # memstate.clip_grad_norm_(params, max_grad_norm)'s norm and scaling, op for op
     norm64, dtype = _clip._total_norm_f64(grads, 2.0)
     opt.last_grad_norm = norm64.to(dtype)
