@@ -311,45 +311,67 @@ bool dense_block(const at::Tensor& t) {
   return true;
 }
 
-// The first pair of tensors of an optimizer step that a fused call would refuse as overlapping
-// (check_no_overlap's rule: a written tensor may share no byte with any other tensor): None,
-// or (i, j, same) with entry i hitting the earlier entry j, same when they are exactly the same
-// bytes. Entries, in order: per parameter i, params[i] (written), grads[i] (read; two
-// parameters may share one gradient), then the tensor values of states[i] (a dict, or None) under `keys`
-// in that order (None: every value, in the dict's order), written. Tensors as the optimizers'
-// kernels take them (memstate/optim/_base.py, _KernelViews): a complex tensor is its real
-// view's bytes; a strided tensor that is not one dense block is staged through a copy and is
-// left out. Walking the dicts here, not in Python, keeps the check at ~0.1 us a tensor.
-pybind11::object first_step_overlap(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-                                    const pybind11::list& states, const pybind11::object& keys) {
-  TORCH_CHECK(params.size() == grads.size() && params.size() == states.size(), "memstate.first_step_overlap: ",
+// What the fused calls of an optimizer step would refuse in the tensors' memory, checked for
+// the whole step before any call runs (memstate/optim/_base.py, _refuse_overlap): None, or
+// (i, message) for entry i that has no memory to touch (a meta tensor, not strided, a storage
+// freed or shrunk below its elements), or (i, j, same) for entry i overlapping the earlier
+// entry j on the same device (check_no_overlap's rule: a written tensor shares no byte with any
+// other tensor), same when they are exactly the same bytes. Entries, in order: per parameter i,
+// params[i] (written), grads[i] (read; parameters may share one gradient), then the tensor
+// values of states[i] (a dict, or None) under `keys` in that order (None: every value, in the
+// dict's order), written. Tensors as the optimizers' kernels take them (_KernelViews): a
+// complex tensor is its real view's bytes; a strided tensor that is not one dense block is
+// staged through a copy and cannot race. Walking the dicts here, not in Python, keeps the check
+// near 0.1 us a tensor.
+pybind11::object step_memory_problem(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                                     const pybind11::list& states, const pybind11::object& keys) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == states.size(), "memstate.step_memory_problem: ",
               params.size(), " params, ", grads.size(), " grads, ", states.size(), " states");
-  std::vector<memstate::ByteRange> ranges;
-  ranges.reserve(params.size() * 4);
+  std::vector<std::pair<c10::Device, std::vector<memstate::ByteRange>>> by_device;
   size_t index = 0;
+  std::string problem;
   const auto add = [&](const at::Tensor& t, bool written) {
-    if (t.is_contiguous() || dense_block(t)) ranges.push_back(memstate::byte_range(t, "", index, written));
+    if (t.layout() != at::kStrided) {
+      problem = c10::str("has layout ", t.layout(), "; only dense strided tensors are supported");
+    } else if (t.is_meta()) {
+      problem = "is a meta tensor; it has no data to read or write";
+    } else if (t.has_storage() && t.numel() > 0 &&
+               static_cast<int64_t>(t.storage().nbytes()) < memstate::storage_bytes_needed(t)) {
+      problem = c10::str("needs ", memstate::storage_bytes_needed(t), " bytes of storage but its storage holds ",
+                         t.storage().nbytes(), " (was it freed or resized?)");
+    } else if (t.is_contiguous() || dense_block(t)) {
+      auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == t.device(); });
+      if (it == by_device.end()) it = by_device.insert(by_device.end(), {t.device(), {}});
+      it->second.push_back(memstate::byte_range(t, "", index, written));
+    }
     ++index;
+    return problem.empty();
   };
   const auto add_value = [&](pybind11::handle v) {
-    if (v.ptr() != nullptr && THPVariable_Check(v.ptr())) add(THPVariable_Unpack(v.ptr()), true);
+    return v.ptr() == nullptr || !THPVariable_Check(v.ptr()) || add(THPVariable_Unpack(v.ptr()), true);
   };
   for (size_t i = 0; i < params.size(); ++i) {
-    add(params[i], true);
-    add(grads[i], false);
+    if (!add(params[i], true) || !add(grads[i], false)) return pybind11::make_tuple(index - 1, problem);
     pybind11::handle st = states[i];
     if (st.is_none()) continue;
-    TORCH_CHECK(PyDict_Check(st.ptr()), "memstate.first_step_overlap: states[", i, "] is not a dict");
+    TORCH_CHECK(PyDict_Check(st.ptr()), "memstate.step_memory_problem: states[", i, "] is not a dict");
     if (keys.is_none()) {
-      for (auto item : pybind11::reinterpret_borrow<pybind11::dict>(st)) add_value(item.second);
+      for (auto item : pybind11::reinterpret_borrow<pybind11::dict>(st)) {
+        if (!add_value(item.second)) return pybind11::make_tuple(index - 1, problem);
+      }
     } else {
-      for (pybind11::handle k : pybind11::reinterpret_borrow<pybind11::iterable>(keys)) add_value(PyDict_GetItemWithError(st.ptr(), k.ptr()));
-      if (PyErr_Occurred()) throw pybind11::error_already_set();
+      for (pybind11::handle k : pybind11::reinterpret_borrow<pybind11::iterable>(keys)) {
+        pybind11::handle v = PyDict_GetItemWithError(st.ptr(), k.ptr());
+        if (v.ptr() == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+        if (!add_value(v)) return pybind11::make_tuple(index - 1, problem);
+      }
     }
   }
-  const auto [r, hit] = memstate::find_overlap(ranges);
-  if (r == nullptr) return pybind11::none();
-  return pybind11::make_tuple(r->index, hit->index, hit->begin == r->begin && hit->end == r->end);
+  for (auto& [device, ranges] : by_device) {
+    const auto [r, hit] = memstate::find_overlap(ranges);
+    if (r != nullptr) return pybind11::make_tuple(r->index, hit->index, hit->begin == r->begin && hit->end == r->end);
+  }
+  return pybind11::none();
 }
 
 }  // namespace
@@ -360,8 +382,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   memstate::bind_fingerprint_rows(m);  // memstate._C.fingerprints_from_rows (cpu/kernels.h)
   memstate::bind_fingerprint_many(m);  // memstate._C.fingerprint_many_cpu (cpu/kernels.h)
   m.def("build_info", &build_info, "How this extension was built.");
-  m.def("first_step_overlap", &first_step_overlap,
-        "The first overlapping pair of an optimizer step's tensors that a fused call would refuse, or None.");
+  m.def("step_memory_problem", &step_memory_problem,
+        "What the fused calls of an optimizer step would refuse in its tensors' memory, or None.");
   m.def("set_cpu_isa", &memstate::cpu::set_isa,
         "Force the CPU kernels' ISA: 'auto', 'scalar' or 'avx2' (tests only; results never "
         "depend on it).");

@@ -313,11 +313,13 @@ def test_step_refused_by_the_kernel_leaves_step_counters(name, checked):
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "LAMB"])
-def test_a_step_refused_in_its_second_bucket_modifies_nothing(name):
+@pytest.mark.parametrize("how", ["grad aliases state", "state freed", "param meta"])
+def test_a_step_refused_in_its_second_bucket_modifies_nothing(name, how):
     """Found by tests/test_optim_plan_fuzz.py: parameters of two dtypes (or listed twice, or in
     two groups) step in several native calls; a gradient aliasing a written tensor in a later
     bucket used to be refused by that bucket's kernel after the first bucket had stepped (a
-    half step, and the error did not say so). Every bucket is now checked before any runs."""
+    half step, and the error did not say so); so was a state buffer whose storage was freed,
+    or a meta parameter. Every bucket's memory is now checked before any runs."""
     kw = {"momentum": 0.9} if name == "SGD" else {}
     ps = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))]
     opt = getattr(mo, name)(ps, lr=0.1, **kw)
@@ -329,12 +331,24 @@ def test_a_step_refused_in_its_second_bucket_modifies_nothing(name):
     opt.step()
     victim = next(v for v in opt.state[ps[1]].values() if torch.is_tensor(v) and v.shape == ps[1].shape)
     key = next(k for k, v in opt.state[ps[1]].items() if v is victim)
-    ps[1].grad = victim
     before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
               for p in ps]
-    with pytest.raises(ValueError, match=rf"the gradient of parameter 1 .* is the same memory as state '{key}' of "
-                                         r"parameter 1 .*; a gradient may not share memory with a tensor the step "
-                                         r"writes"):
+    if how == "grad aliases state":
+        ps[1].grad = victim
+        error = (rf"the gradient of parameter 1 .* is the same memory as state '{key}' of parameter 1 .*; a gradient "
+                 r"may not share memory with a tensor the step writes")
+    elif how == "state freed":
+        before[1][1].pop(key)
+        victim.untyped_storage().resize_(0)
+        error = rf"state '{key}' of parameter 1 .* needs 24 bytes of storage but its storage holds 0"
+    else:  # a meta parameter in a group of its own (its gradient passes the Python checks)
+        meta = torch.nn.Parameter(torch.empty(2, device="meta"))
+        meta.grad = torch.empty(2, device="meta")
+        opt.add_param_group({"params": [meta]})
+        error = r"parameter 2 .* is a meta tensor; it has no data to read or write"
+        if name == "LAMB":  # its global gradient norm (max_grad_norm=1.0) is taken first, and refuses it
+            error = r"memstate.norm_sums: tensors\[\d\] is a meta tensor"
+    with pytest.raises(RuntimeError if error.startswith("memstate.norm_sums") else ValueError, match=error):
         opt.step()
     for p, (q, st) in zip(ps, before):
         assert torch.equal(p.detach(), q)

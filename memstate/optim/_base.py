@@ -519,18 +519,18 @@ class FusedOptimizer(Optimizer):
             self._refuse_overlap(bucket, grads, keys)
 
     def _refuse_overlap(self, params, grads, keys, clipping: bool = False) -> None:
-        """ValueError naming the first overlapping pair among ``params`` (written), their
-        ``grads`` (read; ``clipping``: the message says that max_grad_norm scales them in place)
-        and their tensor state under ``keys`` (written; None: every key): one native
-        ``first_step_overlap`` call, which
-        takes the tensors as the kernels do (staged ones cannot race) and walks the state dicts
-        itself (per-tensor Python here cost ~3 us a parameter)."""
+        """ValueError naming what the kernels of the step would refuse in the memory of
+        ``params`` (written), their ``grads`` (read) and their tensor state under ``keys``
+        (written; None: every key): a tensor without memory to touch (meta, freed storage), or
+        the first overlapping pair (``clipping``: the message says that max_grad_norm scales
+        the gradients in place). One native ``step_memory_problem`` call, which takes the
+        tensors as the kernels do (staged ones cannot race) and walks the state dicts itself
+        (per-tensor Python here cost ~3 us a parameter)."""
         state = self.state
-        hit = _ext.load().first_step_overlap(params, grads, list(map(state.get, params)), keys)
+        hit = _ext.load().step_memory_problem(params, grads, list(map(state.get, params)), keys)
         if hit is None:
             return
-        i, j, same = hit
-        who = []  # the entries in first_step_overlap's order: (parameter, None | "grad" | state key, written)
+        who = []  # the entries in step_memory_problem's order: (parameter, None | "grad" | state key, written)
         for p in params:
             who += ((p, None, True), (p, "grad", False))
             st = state.get(p)
@@ -543,6 +543,9 @@ class FusedOptimizer(Optimizer):
             return label if what is None else f"the gradient of {label}" if what == "grad" else \
                 f"state '{what}' of {label}"
 
+        if len(hit) == 2:
+            raise ValueError(f"memstate.optim.{self._name}: {name(hit[0])} {hit[1]}")
+        i, j, same = hit
         reason = ("a tensor the step writes may be written only once per step" if who[i][2] and who[j][2] else
                   "a gradient may not share memory with a tensor the step writes")
         if clipping:
