@@ -16,6 +16,7 @@ import collections
 import copy
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -35,12 +36,14 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database
 
 # shapes and dtypes of the parameters (two dtypes: two buckets per group)
 LAYOUT = [((7,), torch.float32), ((3, 5), torch.float32), ((16,), torch.float64), ((2, 2, 3), torch.float32)]
+# ... and what an added group may hold (a complex parameter: the optimizers step its real view; no plan)
+ADDED = LAYOUT + [((4,), torch.complex64)]
 
 OPS = ["step", "step", "grads", "grad_data", "grad_inplace", "grad_noncontig", "grad_bad_dtype",
        "grad_aliases_state", "param_data", "param_inplace", "state_replace", "state_data", "state_set",
        "state_inplace", "state_pop", "step_counter", "hyper", "flag", "relist", "drop_param", "add_group",
        "load_state_dict", "zero_grad", "state_bad_shape", "state_bad_dtype", "state_noncontig", "param_noncontig",
-       "grad_shared", "grad_is_other_param", "grad_nonfinite"]
+       "grad_shared", "grad_is_other_param", "grad_nonfinite", "grad_conj", "grad_neg"]
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +86,10 @@ def apply(op, r, s: Side):
             p.grad.data = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
         elif op == "grad_nonfinite" and p.grad is not None and p.grad.numel():
             p.grad.view(-1)[r.randrange(p.grad.numel())] = r.choice([float("inf"), float("nan")])
+        elif op == "grad_conj" and p.grad is not None:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).conj()  # (a no-op if real)
+        elif op == "grad_neg" and p.grad is not None:
+            p.grad = torch._neg_view(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
         elif op == "grad_inplace" and p.grad is not None:
             p.grad.mul_(-0.5)
         elif op == "grad_noncontig" and p.dim() == 2:
@@ -155,7 +162,7 @@ def apply(op, r, s: Side):
             if len(group["params"]) > 1:
                 group["params"].pop(r.randrange(len(group["params"])))
         elif op == "add_group" and len(opt.param_groups) < 3:
-            shape, dt = LAYOUT[r.randrange(len(LAYOUT))]
+            shape, dt = ADDED[r.randrange(len(ADDED))]
             q = torch.randn(shape, generator=g, dtype=torch.float64).to(dt).requires_grad_()
             q.grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
             ps.append(q)
@@ -215,8 +222,10 @@ def on_both(fn, a: Side, b: Side):
 
 
 def step(a: Side, b: Side, counts):
-    if on_both(lambda s: s.opt.step(), a, b) is not None:
+    error = on_both(lambda s: s.opt.step(), a, b)
+    if error is not None:
         counts["refused steps"] += 1
+        counts["refused: " + re.sub(r"parameter \d+ \(.*?\)\)", "P", error)[:90]] += 1
         return
     counts["steps"] += 1
     assert_equal(everything(a), everything(b), "planned vs unplanned")
@@ -253,5 +262,5 @@ def test_planned_steps_equal_unplanned_steps_under_random_edits(name, variant):
     run()
     print(f"\n{name} {variant}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     # the comparison was live: plans were used, and some edits made steps refuse
-    assert counts["planned steps"] > counts["steps"] // 4 or name == "lamb" or variant == "skip", counts
+    assert counts["planned steps"] >= 50 or name == "lamb" or variant == "skip", counts
     assert counts["refused steps"] > 0, counts

@@ -353,3 +353,29 @@ def test_a_step_refused_in_its_second_bucket_modifies_nothing(name, how):
     for p, (q, st) in zip(ps, before):
         assert torch.equal(p.detach(), q)
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Lion", "LAMB"])
+@pytest.mark.parametrize("lazy", ["conj", "neg"])
+def test_gradients_with_lazy_conjugate_or_negation_bits_step_as_their_values(name, lazy):
+    """``p.grad = g.conj()`` (complex) or a negative view: the step takes the values they stand
+    for, bit for bit as the resolved gradient. The kernels' real view of a conjugate gradient
+    used to fail (view_as_real of an unresolved conjugate) after the other buckets had stepped;
+    a negative view was always resolved (torch's Negative fallback, before the kernel)."""
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    dtype = torch.complex64 if lazy == "conj" else torch.float64
+    runs = []
+    for resolved in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(3, dtype=dtype))]
+        opt = getattr(mo, name)(ps, lr=0.1, **kw)
+        for step in range(3):
+            ps[0].grad = torch.randn(4)
+            g = torch.randn(3, dtype=dtype)
+            lazy_g = g.conj() if lazy == "conj" else torch._neg_view(g)
+            assert lazy_g.is_conj() or lazy_g.is_neg()
+            ps[1].grad = lazy_g.resolve_conj().resolve_neg() if resolved else lazy_g
+            opt.step()
+        runs.append([p.detach().clone() for p in ps] + [v.clone() for p in ps for v in opt.state[p].values()
+                                                         if torch.is_tensor(v)])
+    assert all(torch.equal(x, y) for x, y in zip(*runs))

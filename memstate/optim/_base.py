@@ -469,8 +469,12 @@ class FusedOptimizer(Optimizer):
     @staticmethod
     def _grad(p: torch.Tensor) -> torch.Tensor:
         """p's dense gradient in the layout of p's state (``_state_like``), so that one flat
-        view pairs the same logical elements of every role."""
+        view pairs the same logical elements of every role; a gradient with a lazy conjugate or
+        negation bit (``x.conj()`` of a complex gradient) is resolved first (its view as real
+        numbers, which the kernels take, would otherwise fail in the middle of a step)."""
         g = p.grad
+        if g.is_conj() or g.is_neg():  # lazy conjugate / negation bits: the values they stand for
+            g = g.resolve_conj().resolve_neg()
         if not p.is_contiguous() and _is_dense(p):
             return g if _same_layout(g, p) else _state_like(p).copy_(g)
         return g if g.is_contiguous() else g.contiguous()
