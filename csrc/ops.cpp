@@ -339,7 +339,7 @@ pybind11::object step_memory_problem(const std::vector<at::Tensor>& params, cons
                static_cast<int64_t>(t.storage().nbytes()) < memstate::storage_bytes_needed(t)) {
       problem = c10::str("needs ", memstate::storage_bytes_needed(t), " bytes of storage but its storage holds ",
                          t.storage().nbytes(), " (was it freed or resized?)");
-    } else if (t.is_contiguous() || dense_block(t)) {
+    } else if (t.has_storage() && (t.is_contiguous() || dense_block(t))) {  // (wrapper subclasses: the kernel decides)
       auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == t.device(); });
       if (it == by_device.end()) it = by_device.insert(by_device.end(), {t.device(), {}});
       it->second.push_back(memstate::byte_range(t, "", index, written));
