@@ -323,14 +323,57 @@ bool dense_block(const at::Tensor& t) {
 // complex tensor is its real view's bytes; a strided tensor that is not one dense block is
 // staged through a copy and cannot race. Walking the dicts here, not in Python, keeps the check
 // near 0.1 us a tensor.
-pybind11::object step_memory_problem(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+pybind11::object step_memory_problem(const pybind11::list& params, const pybind11::list& grads,
                                      const pybind11::list& states, const pybind11::object& keys) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == states.size(), "memstate.step_memory_problem: ",
               params.size(), " params, ", grads.size(), " grads, ", states.size(), " states");
+  // 1. the entries, in order: (tensor, written); the Python objects own the tensors throughout
+  std::vector<std::pair<const at::Tensor*, bool>> entries;
+  entries.reserve(params.size() * 4);
+  const auto tensor_of = [](pybind11::handle h, const char* what, size_t i) -> const at::Tensor* {
+    TORCH_CHECK(THPVariable_Check(h.ptr()), "memstate.step_memory_problem: ", what, "[", i, "] is not a tensor");
+    return &THPVariable_Unpack(h.ptr());
+  };
+  for (size_t i = 0; i < params.size(); ++i) {
+    entries.emplace_back(tensor_of(params[i], "params", i), true);
+    entries.emplace_back(tensor_of(grads[i], "grads", i), false);
+    pybind11::handle st = states[i];
+    if (st.is_none()) continue;
+    TORCH_CHECK(PyDict_Check(st.ptr()), "memstate.step_memory_problem: states[", i, "] is not a dict");
+    const auto add_value = [&](PyObject* v) {
+      if (v != nullptr && THPVariable_Check(v)) entries.emplace_back(&THPVariable_Unpack(v), true);
+    };
+    if (keys.is_none()) {
+      for (auto item : pybind11::reinterpret_borrow<pybind11::dict>(st)) add_value(item.second.ptr());
+    } else {
+      for (pybind11::handle k : pybind11::reinterpret_borrow<pybind11::iterable>(keys)) {
+        PyObject* v = PyDict_GetItemWithError(st.ptr(), k.ptr());
+        if (v == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+        add_value(v);
+      }
+    }
+  }
+  // 2. each entry's memory. Thousands of small tensors are scattered objects: their
+  // TensorImpls are prefetched kAhead entries ahead, and their storages half as far (read from
+  // the TensorImpl fetched by then), so that the cache misses overlap instead of queueing.
+  constexpr size_t kAhead = 8;
+  const auto impl = [&](size_t k) { return entries[k].first->unsafeGetTensorImpl(); };
+  const auto prefetch_impl = [&](size_t k) {
+    const char* q = reinterpret_cast<const char*>(impl(k));
+    for (size_t b = 0; b < sizeof(c10::TensorImpl); b += 64) __builtin_prefetch(q + b);
+  };
+  const auto prefetch_storage = [&](size_t k) {
+    const c10::TensorImpl* t = impl(k);
+    if (t->has_storage()) __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());
+  };
   std::vector<std::pair<c10::Device, std::vector<memstate::ByteRange>>> by_device;
-  size_t index = 0;
-  std::string problem;
-  const auto add = [&](const at::Tensor& t, bool written) {
+  for (size_t k = 0; k < std::min(entries.size(), kAhead); ++k) prefetch_impl(k);
+  for (size_t k = 0; k < std::min(entries.size(), kAhead / 2); ++k) prefetch_storage(k);
+  for (size_t k = 0; k < entries.size(); ++k) {
+    if (k + kAhead < entries.size()) prefetch_impl(k + kAhead);
+    if (k + kAhead / 2 < entries.size()) prefetch_storage(k + kAhead / 2);
+    const at::Tensor& t = *entries[k].first;
+    std::string problem;
     if (t.layout() != at::kStrided) {
       problem = c10::str("has layout ", t.layout(), "; only dense strided tensors are supported");
     } else if (t.is_meta()) {
@@ -342,30 +385,9 @@ pybind11::object step_memory_problem(const std::vector<at::Tensor>& params, cons
     } else if (t.has_storage() && (t.is_contiguous() || dense_block(t))) {  // (wrapper subclasses: the kernel decides)
       auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == t.device(); });
       if (it == by_device.end()) it = by_device.insert(by_device.end(), {t.device(), {}});
-      it->second.push_back(memstate::byte_range(t, "", index, written));
+      it->second.push_back(memstate::byte_range(t, "", k, entries[k].second));
     }
-    ++index;
-    return problem.empty();
-  };
-  const auto add_value = [&](pybind11::handle v) {
-    return v.ptr() == nullptr || !THPVariable_Check(v.ptr()) || add(THPVariable_Unpack(v.ptr()), true);
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!add(params[i], true) || !add(grads[i], false)) return pybind11::make_tuple(index - 1, problem);
-    pybind11::handle st = states[i];
-    if (st.is_none()) continue;
-    TORCH_CHECK(PyDict_Check(st.ptr()), "memstate.step_memory_problem: states[", i, "] is not a dict");
-    if (keys.is_none()) {
-      for (auto item : pybind11::reinterpret_borrow<pybind11::dict>(st)) {
-        if (!add_value(item.second)) return pybind11::make_tuple(index - 1, problem);
-      }
-    } else {
-      for (pybind11::handle k : pybind11::reinterpret_borrow<pybind11::iterable>(keys)) {
-        pybind11::handle v = PyDict_GetItemWithError(st.ptr(), k.ptr());
-        if (v.ptr() == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
-        if (!add_value(v)) return pybind11::make_tuple(index - 1, problem);
-      }
-    }
+    if (!problem.empty()) return pybind11::make_tuple(k, problem);
   }
   for (auto& [device, ranges] : by_device) {
     const auto [r, hit] = memstate::find_overlap(ranges);
