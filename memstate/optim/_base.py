@@ -80,6 +80,11 @@ def _state_like(p: torch.Tensor, fill: Optional[float] = None) -> torch.Tensor:
 
 
 def _state_layout_ok(p: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether state tensor ``t`` (of p's shape) is laid out as ``_state_like(p)``: p's strides
+    when p is dense, row-major otherwise (for a row-major p both are ``t.is_contiguous()``,
+    the per-step common case, without _is_dense's sort)."""
+    if p.is_contiguous():
+        return t.shape == p.shape and t.is_contiguous()
     return _same_layout(t, p) if _is_dense(p) else t.is_contiguous()
 
 
