@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import memstate.optim as mo
-from test_optim_plan import OPTS, Counting
+from test_optim_plan import OPTS, Counting, _one_thread  # noqa: F401  (autouse fixture: one thread)
 
 # LAMB has no cached plan (two passes around a global norm): both copies take the full path,
 # which must still refuse a step whole or run it whole
@@ -44,14 +44,6 @@ OPS = ["step", "step", "grads", "grad_data", "grad_inplace", "grad_noncontig", "
        "state_inplace", "state_pop", "step_counter", "hyper", "flag", "relist", "drop_param", "add_group",
        "load_state_dict", "zero_grad", "state_bad_shape", "state_bad_dtype", "state_noncontig", "param_noncontig",
        "grad_shared", "grad_is_other_param", "grad_nonfinite", "grad_conj", "grad_neg"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _fresh(layout, seed):
