@@ -301,7 +301,7 @@ def test_step_refused_by_the_kernel_leaves_step_counters(name, checked):
                                              r"shape \(5,\)\) is the same memory as parameter 0"):
             opt.step()
     else:
-        opt._check_no_overlap = lambda group, buckets: None
+        opt._check_bucket_memory = lambda group, buckets: None
         with pytest.raises(RuntimeError, match="same memory"):
             opt.step()
     for k, v in before.items():

@@ -517,7 +517,7 @@ class FusedOptimizer(Optimizer):
                      rows if self.fingerprint else None)
         return rows
 
-    def _check_no_overlap(self, group, buckets) -> None:
+    def _check_bucket_memory(self, group, buckets) -> None:
         """Raises ValueError, naming both tensors, when a bucket's kernel would refuse its
         tensors as overlapping (a written tensor, i.e. a parameter or one of its existing state
         buffers of this group's roles, sharing memory with any other tensor of the bucket, a
@@ -525,9 +525,9 @@ class FusedOptimizer(Optimizer):
         fresh memory."""
         keys = tuple(self._roles(group)[2:])
         for bucket, grads in buckets:
-            self._refuse_overlap(bucket, grads, keys)
+            self._refuse_memory_problem(bucket, grads, keys)
 
-    def _refuse_overlap(self, params, grads, keys, clipping: bool = False) -> None:
+    def _refuse_memory_problem(self, params, grads, keys, clipping: bool = False) -> None:
         """ValueError naming what the kernels of the step would refuse in the memory of
         ``params`` (written), their ``grads`` (read) and their tensor state under ``keys``
         (written; None: every key): a tensor without memory to touch (meta, freed storage), or
@@ -637,7 +637,7 @@ class FusedOptimizer(Optimizer):
         for group, params in zip(self.param_groups, groups_params):
             buckets = [(b, [self._grad(p) for p in b]) for b in self._buckets([p for p in params
                                                                                if not p.grad.is_sparse])]
-            self._check_no_overlap(group, buckets)
+            self._check_bucket_memory(group, buckets)
             work.append(buckets)
         self.last_step_skipped = False
         self._pending = []

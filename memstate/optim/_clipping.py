@@ -64,7 +64,7 @@ def _check_grads_alias_nothing(opt, params: List[torch.Tensor]) -> None:
     """Scaling writes every gradient: one that shares memory with a parameter or any tensor
     state of the step (any group) would change it before the step could refuse it. Checked
     across the whole step, in one native call, before anything is scaled."""
-    opt._refuse_overlap(params, [p.grad for p in params], None, clipping=True)
+    opt._refuse_memory_problem(params, [p.grad for p in params], None, clipping=True)
 
 
 def clip_before_step(opt) -> None:
