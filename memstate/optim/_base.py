@@ -518,10 +518,11 @@ class FusedOptimizer(Optimizer):
         return rows
 
     def _check_bucket_memory(self, group, buckets) -> None:
-        """Raises ValueError, naming both tensors, when a bucket's kernel would refuse its
-        tensors as overlapping (a written tensor, i.e. a parameter or one of its existing state
-        buffers of this group's roles, sharing memory with any other tensor of the bucket, a
-        gradient included), so that no bucket of the step runs. State created by this step is
+        """Raises ValueError, naming the tensors, when a bucket's kernel would refuse their
+        memory: a written tensor (a parameter or one of its existing state buffers of this
+        group's roles) sharing memory with any other tensor of the bucket, a gradient included,
+        or a tensor with no memory to touch (meta, a freed storage). Run for every bucket before
+        any bucket runs, so that a refused step modifies nothing. State created by this step is
         fresh memory."""
         keys = tuple(self._roles(group)[2:])
         for bucket, grads in buckets:
