@@ -100,10 +100,13 @@ struct PlanBucket {
   int64_t chunk_elems = 0;           // ... and the chunk size it was cut with
 };
 
-// What a device contributes: prepare a bucket once (at build), run it (every step).
+// What a device contributes: prepare a bucket once (at build), run it (every step), and
+// whether any of its checked gradients is NaN or +-Inf (skip_if_nonfinite; nullptr: the device
+// has no such scan, and such steps take the full path).
 struct PlanDevice {
   void (*prepare)(PlanBucket& bucket);
   at::Tensor (*run)(PlanKind kind, PlanBucket& bucket, const double* scalars, bool fingerprint);
+  bool (*grads_nonfinite)(const PlanBucket& bucket);
 };
 
 // Registered by the device files at load time; index: 0 CPU, 1 CUDA.
@@ -207,10 +210,18 @@ class StepPlan : public torch::CustomClassHolder {
   // One step: `scalars` holds plan_scalar_count(kind) values per param group (groups in order). Returns, per bucket,
   // the fingerprint rows (int64 [n, roles, 2], or empty), then the msfp1 lanes of every step
   // counter after the step (CPU int64 [counters, 2], or empty); an empty list, with nothing
-  // modified, when any gradient or held tensor no longer fits the plan.
-  std::vector<at::Tensor> step(std::vector<double> scalars, bool fingerprint) {
+  // modified, when any gradient or held tensor no longer fits the plan. With skip_nonfinite
+  // (skip_if_nonfinite), once everything is checked, a gradient holding NaN or +-Inf skips the
+  // step: nothing is modified and the list holds one tensor (true); a device without a scan
+  // returns the empty list.
+  std::vector<at::Tensor> step(std::vector<double> scalars, bool fingerprint, bool skip_nonfinite) {
     TORCH_CHECK(static_cast<int64_t>(scalars.size()) >= ngroups_ * nscalars_, "memstate.StepPlan.step: got ",
                 scalars.size(), " scalars; the plan's ", ngroups_, " groups take ", nscalars_, " each");
+    if (skip_nonfinite) {
+      for (const PlanBucket& b : buckets_) {
+        if (g_plan_devices[plan_device_index(b.device)]->grads_nonfinite == nullptr) return {};
+      }
+    }
     for (const PlanBucket& b : buckets_) {
       if (!flags_fit(b, scalars.data() + b.group * nscalars_)) return {};
     }
@@ -223,6 +234,11 @@ class StepPlan : public torch::CustomClassHolder {
     recorded_ = false;
     for (PlanBucket& b : buckets_) {
       if (!(record ? ready<true>(b) : ready<false>(b))) return {};
+    }
+    if (skip_nonfinite) {
+      for (const PlanBucket& b : buckets_) {
+        if (g_plan_devices[plan_device_index(b.device)]->grads_nonfinite(b)) return {at::ones({}, at::kBool)};
+      }
     }
     // Everything checked: from here on the step runs.
     for (PlanBucket& b : buckets_) {

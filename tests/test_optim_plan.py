@@ -622,18 +622,28 @@ def test_mixed_dtypes_and_duplicate_listing(name):
     assert_same_all(ap, a, bp, b)
 
 
-def test_skip_if_nonfinite_takes_the_full_path():
-    ap, a, ca, bp, b, _ = opt_pair("adamw", skip_if_nonfinite=True)
+@pytest.mark.parametrize("name", OPTS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_skip_if_nonfinite_is_planned_on_the_cpu(name, bad):
+    """On the CPU the plan scans the checked gradients natively: a step with a non-finite
+    gradient is skipped by the plan (nothing modified, step counters included, as the full
+    path), and the next finite step is planned again."""
+    ap, a, ca, bp, b, _ = opt_pair(name, skip_if_nonfinite=True)
     for s in range(3):
         step_both(ap, a, bp, b, s)
-    assert ca.hits == 0
+    assert ca.hits == 2
+    before = [(p.detach().clone(), {k: v.clone() for k, v in a.state[p].items() if torch.is_tensor(v)}) for p in ap]
     for ps in (ap, bp):
         set_grads(ps, 3)
-        ps[0].grad[0] = float("nan")
+        ps[3].grad.view(-1)[5] = bad
     a.step()
     b.step()
-    assert a.last_step_skipped and b.last_step_skipped
+    assert ca.hits == 3 and a.last_step_skipped and b.last_step_skipped and a.skipped_steps == b.skipped_steps == 1
+    for p, (q, st) in zip(ap, before):
+        assert torch.equal(p.detach(), q) and all(torch.equal(a.state[p][k], v) for k, v in st.items())
     assert_same(ap, a, bp, b)
+    step_both(ap, a, bp, b, 4)
+    assert ca.hits == 4 and not a.last_step_skipped and not b.last_step_skipped
 
 
 def test_state_versioning_counts_mutations():

@@ -214,12 +214,16 @@ def on_both(fn, a: Side, b: Side):
 
 
 def step(a: Side, b: Side, counts):
+    hits = a.count.hits
     error = on_both(lambda s: s.opt.step(), a, b)
     if error is not None:
         counts["refused steps"] += 1
         counts["refused: " + re.sub(r"parameter \d+ \(.*?\)\)", "P", error)[:90]] += 1
         return
     counts["steps"] += 1
+    assert (a.opt.last_step_skipped, a.opt.skipped_steps) == (b.opt.last_step_skipped, b.opt.skipped_steps)
+    counts["skipped steps"] += a.opt.last_step_skipped
+    counts["skipped by a plan"] += a.opt.last_step_skipped and a.count.hits > hits
     assert_equal(everything(a), everything(b), "planned vs unplanned")
     for i, (p, q) in enumerate(zip(a.params, b.params)):
         assert a.opt.fingerprints(p) == b.opt.fingerprints(q), f"fingerprints of parameter {i}"
@@ -254,5 +258,7 @@ def test_planned_steps_equal_unplanned_steps_under_random_edits(name, variant):
     run()
     print(f"\n{name} {variant}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     # the comparison was live: plans were used, and some edits made steps refuse
-    assert counts["planned steps"] >= 50 or name == "lamb" or variant == "skip", counts
+    assert counts["planned steps"] >= 50 or name == "lamb", counts
+    assert counts["skipped steps"] > 0 if variant == "skip" else counts["skipped steps"] == 0, counts
+    assert counts["skipped by a plan"] > 0 or variant != "skip" or name == "lamb", counts
     assert counts["refused steps"] > 0, counts

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string>
 
+#include "memstate/precision.h"
+
 namespace memstate {
 namespace cpu {
 
@@ -45,6 +47,18 @@ constexpr int64_t kSerialBytes = int64_t{1} << 20;
 // a result, only which thread computes which chunk.
 inline int64_t chunk_grain(int64_t nchunks, int64_t total_bytes) {
   return total_bytes < kSerialBytes ? (nchunks > 1 ? nchunks : 1) : 1;
+}
+
+// Whether any of elements [begin, end) at p (a storage dtype: float, double, bfloat16, half) is
+// NaN or +-Inf: v - v is NaN exactly for those. One pass, no early exit (it vectorises).
+template <class T>
+bool any_nonfinite(const T* p, int64_t begin, int64_t end) {
+  bool bad = false;
+  for (int64_t j = begin; j < end; ++j) {
+    const math_t<T> v = to_math(p[j]);
+    bad |= (v - v) != (v - v);
+  }
+  return bad;
 }
 
 }  // namespace cpu

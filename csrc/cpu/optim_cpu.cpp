@@ -164,11 +164,21 @@ struct CpuRunner {
   }
 };
 
-// Cached step plans (optim_plan.h) run on the same runner; nothing to prepare on the CPU.
+// Cached step plans (optim_plan.h) run on the same runner; nothing to prepare on the CPU. The
+// non-finite scan of skip_if_nonfinite reads the checked gradient pointers of the bucket.
 const PlanDevice kCpuPlanDevice = {
     [](PlanBucket&) {},
     [](PlanKind kind, PlanBucket& b, const double* s, bool fingerprint) {
       return run_plan_bucket(CpuRunner{}, kind, b, s, fingerprint);
+    },
+    [](const PlanBucket& b) {
+      const OptimArgs& a = b.args;
+      bool bad = false;
+      dispatch_storage(a.dtype, [&](auto tag) {
+        using T = decltype(tag);
+        for (int64_t i = 0; i < a.n && !bad; ++i) bad = any_nonfinite(static_cast<const T*>(a.ptr(optim::kGrad, i)), 0, a.numel[i]);
+      });
+      return bad;
     }};
 const bool kCpuPlanRegistered = (g_plan_devices[0] = &kCpuPlanDevice, true);
 
@@ -194,11 +204,7 @@ at::Tensor nonfinite_any_cpu(at::TensorList tensors) {
         using T = decltype(tag);
         using M = math_t<T>;
         const int64_t k = at::isComplexType(c.scalar_type()) ? 2 : 1;
-        const T* p = static_cast<const T*>(c.const_data_ptr());
-        for (int64_t j = begin * k; j < end * k; ++j) {
-          const M v = to_math(p[j]);
-          bad |= (v - v) != (v - v);  // NaN for NaN and +-Inf, 0 otherwise
-        }
+        bad = any_nonfinite(static_cast<const T*>(c.const_data_ptr()), begin * k, end * k);
       });
       if (bad) found.store(true, std::memory_order_relaxed);
     });

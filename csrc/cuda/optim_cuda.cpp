@@ -132,9 +132,11 @@ void plan_prepare(PlanBucket& b) {
 }
 
 const PlanDevice kCudaPlanDevice = {
-    &plan_prepare, [](PlanKind kind, PlanBucket& b, const double* s, bool fingerprint) {
+    &plan_prepare,
+    [](PlanKind kind, PlanBucket& b, const double* s, bool fingerprint) {
       return run_plan_bucket(CudaPlanRunner{b}, kind, b, s, fingerprint);
-    }};
+    },
+    nullptr};  // no non-finite scan: skip_if_nonfinite steps on CUDA take the full path
 const bool kCudaPlanRegistered = (g_plan_devices[1] = &kCudaPlanDevice, true);
 
 // Storage word width and exponent mask of a floating dtype; false for dtypes the scan does not

@@ -684,10 +684,13 @@ class FusedOptimizer(Optimizer):
 
     def _build_plan(self) -> Optional[_StepPlan]:
         """The plan of the step just run, or None (the next step takes the full path again).
-        Only for real, contiguous parameters with dense gradients, without skip_if_nonfinite,
-        and while ``self.state`` is memstate's versioned ``_StateDict``."""
+        Only for real, contiguous parameters with dense gradients, with skip_if_nonfinite only
+        on the CPU (the plan scans the gradients natively), and while ``self.state`` is
+        memstate's versioned ``_StateDict``."""
         state = self.state
-        if self._plan_kind is None or self.skip_if_nonfinite or type(state) is not _StateDict:
+        if self._plan_kind is None or type(state) is not _StateDict:
+            return None
+        if self.skip_if_nonfinite and any(p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
             return None
         groups, buckets, params, states, steps = [], [], [], [], []
         sizes, gidx, nstates, absent = [], [], [], []
@@ -759,11 +762,15 @@ class FusedOptimizer(Optimizer):
                 scalars += self._plan_scalars(group)
         except (ValueError, TypeError, KeyError):
             return False  # the full path raises it
-        out = plan.native.step(scalars, self.fingerprint)
+        out = plan.native.step(scalars, self.fingerprint, self.skip_if_nonfinite)
         if not out:
             return False
-        self.last_step_skipped = False
         self._pending, self._fingerprints, self._fp_watch = [], {}, []
+        if len(out) == 1:  # a gradient is NaN or +-Inf: skipped, nothing modified (as the full path)
+            self.last_step_skipped = True
+            self.skipped_steps += 1
+            return True
+        self.last_step_skipped = False
         if self.fingerprint:
             self._pending = [(bucket, roles, rows) for (bucket, roles), rows in zip(plan.buckets, out)]
             if plan.counted and plan.stepped:
