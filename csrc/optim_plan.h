@@ -212,8 +212,9 @@ class StepPlan : public torch::CustomClassHolder {
   // counter after the step (CPU int64 [counters, 2], or empty); an empty list, with nothing
   // modified, when any gradient or held tensor no longer fits the plan. With skip_nonfinite
   // (skip_if_nonfinite), once everything is checked, a gradient holding NaN or +-Inf skips the
-  // step: nothing is modified and the list holds one tensor (true); a device without a scan
-  // returns the empty list.
+  // step: nothing is modified and the list holds one bool tensor (true; the normal result
+  // holds int64 tensors only, one even with no buckets); a device without a scan returns the
+  // empty list.
   std::vector<at::Tensor> step(std::vector<double> scalars, bool fingerprint, bool skip_nonfinite) {
     TORCH_CHECK(static_cast<int64_t>(scalars.size()) >= ngroups_ * nscalars_, "memstate.StepPlan.step: got ",
                 scalars.size(), " scalars; the plan's ", ngroups_, " groups take ", nscalars_, " each");

@@ -646,6 +646,24 @@ def test_skip_if_nonfinite_is_planned_on_the_cpu(name, bad):
     assert ca.hits == 4 and not a.last_step_skipped and not b.last_step_skipped
 
 
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_plan_without_gradients_steps_nothing_and_skips_nothing(skip):
+    """Found by the fuzz test under a newer hypothesis: after zero_grad(set_to_none=True) the plan
+    has no bucket and returns only the step counters' (empty) rows, once taken for a skipped
+    step's marker; a step with no gradient is neither skipped nor counted as one."""
+    ap, a, ca, bp, b, _ = opt_pair("adamw", skip_if_nonfinite=skip)
+    for s in range(2):
+        step_both(ap, a, bp, b, s)
+    for o in (a, b):
+        o.zero_grad(set_to_none=True)
+    for _ in range(2):
+        a.step()
+        b.step()
+        assert not a.last_step_skipped and a.skipped_steps == 0 and not b.last_step_skipped
+    assert ca.hits >= 2
+    assert_same(ap, a, bp, b)
+
+
 def test_state_versioning_counts_mutations():
     ap, a, *_ = opt_pair("adamw")
     set_grads(ap, 0)

@@ -766,7 +766,7 @@ class FusedOptimizer(Optimizer):
         if not out:
             return False
         self._pending, self._fingerprints, self._fp_watch = [], {}, []
-        if len(out) == 1:  # a gradient is NaN or +-Inf: skipped, nothing modified (as the full path)
+        if out[0].dtype == torch.bool:  # a gradient is NaN or +-Inf: skipped, nothing modified (as the full path)
             self.last_step_skipped = True
             self.skipped_steps += 1
             return True
