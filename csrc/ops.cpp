@@ -357,37 +357,22 @@ pybind11::object step_memory_problem(const pybind11::list& params, const pybind1
   // TensorImpls are prefetched kAhead entries ahead, and their storages half as far (read from
   // the TensorImpl fetched by then), so that the cache misses overlap instead of queueing.
   constexpr size_t kAhead = 8;
+  const size_t n = entries.size();
   const auto impl = [&](size_t k) { return entries[k].first->unsafeGetTensorImpl(); };
-  const auto prefetch_impl = [&](size_t k) {
-    const char* q = reinterpret_cast<const char*>(impl(k));
-    for (size_t b = 0; b < sizeof(c10::TensorImpl); b += 64) __builtin_prefetch(q + b);
-  };
-  const auto prefetch_storage = [&](size_t k) {
-    const c10::TensorImpl* t = impl(k);
-    if (t->has_storage()) __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());
-  };
   std::vector<std::pair<c10::Device, std::vector<memstate::ByteRange>>> by_device;
-  for (size_t k = 0; k < std::min(entries.size(), kAhead); ++k) prefetch_impl(k);
-  for (size_t k = 0; k < std::min(entries.size(), kAhead / 2); ++k) prefetch_storage(k);
-  for (size_t k = 0; k < entries.size(); ++k) {
-    if (k + kAhead < entries.size()) prefetch_impl(k + kAhead);
-    if (k + kAhead / 2 < entries.size()) prefetch_storage(k + kAhead / 2);
+  for (size_t k = 0; k < std::min(n, kAhead); ++k) memstate::prefetch_tensor_impl(impl(k));
+  for (size_t k = 0; k < std::min(n, kAhead / 2); ++k) memstate::prefetch_storage_impl(impl(k));
+  for (size_t k = 0; k < n; ++k) {
+    if (k + kAhead < n) memstate::prefetch_tensor_impl(impl(k + kAhead));
+    if (k + kAhead / 2 < n) memstate::prefetch_storage_impl(impl(k + kAhead / 2));
     const at::Tensor& t = *entries[k].first;
-    std::string problem;
-    if (t.layout() != at::kStrided) {
-      problem = c10::str("has layout ", t.layout(), "; only dense strided tensors are supported");
-    } else if (t.is_meta()) {
-      problem = "is a meta tensor; it has no data to read or write";
-    } else if (t.has_storage() && t.numel() > 0 &&
-               static_cast<int64_t>(t.storage().nbytes()) < memstate::storage_bytes_needed(t)) {
-      problem = c10::str("needs ", memstate::storage_bytes_needed(t), " bytes of storage but its storage holds ",
-                         t.storage().nbytes(), " (was it freed or resized?)");
-    } else if (t.has_storage() && (t.is_contiguous() || dense_block(t))) {  // (wrapper subclasses: the kernel decides)
+    const std::string problem = memstate::memory_problem(t);
+    if (!problem.empty()) return pybind11::make_tuple(k, problem);
+    if (t.has_storage() && (t.is_contiguous() || dense_block(t))) {  // (wrapper subclasses: the kernel decides)
       auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& d) { return d.first == t.device(); });
       if (it == by_device.end()) it = by_device.insert(by_device.end(), {t.device(), {}});
       it->second.push_back(memstate::byte_range(t, "", k, entries[k].second));
     }
-    if (!problem.empty()) return pybind11::make_tuple(k, problem);
   }
   for (auto& [device, ranges] : by_device) {
     const auto [r, hit] = memstate::find_overlap(ranges);

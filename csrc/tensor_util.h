@@ -27,6 +27,36 @@ inline int64_t storage_bytes_needed(const at::Tensor& t) {
   return (last + 1) * item;
 }
 
+// Why a defined tensor has no memory an op may touch, as the end of a sentence naming it ("has
+// layout ...", "is a meta tensor ...", "needs N bytes of storage but ..."), or "" when it has.
+// Shared by common_device and the optimizers' whole-step check (ops.cpp, step_memory_problem).
+inline std::string memory_problem(const at::Tensor& t) {
+  if (t.layout() != at::kStrided) return c10::str("has layout ", t.layout(), "; only dense strided tensors are supported");
+  if (t.is_meta()) return "is a meta tensor; it has no data to read or write";
+  if (t.has_storage() && t.numel() > 0) {  // a freed or shrunk storage (e.g. resize_(0)): no memory to touch
+    const int64_t need = storage_bytes_needed(t);
+    if (static_cast<int64_t>(t.storage().nbytes()) < need) {
+      return c10::str("needs ", need, " bytes of storage but its storage holds ", t.storage().nbytes(),
+                      " (was it freed or resized?)");
+    }
+  }
+  return {};
+}
+
+// Prefetch hints for passes over many scattered tensors, whose TensorImpls and StorageImpls are
+// chains of cache misses: ask for a TensorImpl some tensors ahead, and for its StorageImpl once
+// the TensorImpl has arrived (fewer tensors ahead). Hints only: nothing is dereferenced but the
+// TensorImpl's storage field.
+inline void prefetch_tensor_impl(const c10::TensorImpl* t) {
+  const char* q = reinterpret_cast<const char*>(t);
+  for (size_t b = 0; b < sizeof(c10::TensorImpl); b += 64) __builtin_prefetch(q + b);
+}
+
+inline void prefetch_storage_impl(const c10::TensorImpl* t) {
+  const c10::Storage& s = t->unsafe_storage();
+  if (s) __builtin_prefetch(s.unsafeGetStorageImpl());
+}
+
 // The device of the first tensor over `lists` (in order), after checking that every tensor of
 // every list is dense, strided, not a meta tensor, has the storage memory its elements need
 // and is on that device. Errors name the argument
@@ -41,16 +71,8 @@ inline bool common_device(const char* op, std::initializer_list<NamedList> lists
     for (size_t i = 0; i < list.size(); ++i) {
       const at::Tensor& t = list[i];
       TORCH_CHECK(t.defined(), "memstate.", op, ": ", name, "[", i, "] is an undefined tensor");
-      TORCH_CHECK(t.layout() == at::kStrided, "memstate.", op, ": ", name, "[", i, "] has layout ",
-                  t.layout(), "; only dense strided tensors are supported");
-      TORCH_CHECK(!t.is_meta(), "memstate.", op, ": ", name, "[", i,
-                  "] is a meta tensor; it has no data to read or write");
-      if (t.has_storage() && t.numel() > 0) {  // a freed or shrunk storage (e.g. resize_(0)): no memory to touch
-        const int64_t need = storage_bytes_needed(t);
-        TORCH_CHECK(static_cast<int64_t>(t.storage().nbytes()) >= need, "memstate.", op, ": ", name, "[", i,
-                    "] needs ", need, " bytes of storage but its storage holds ", t.storage().nbytes(),
-                    " (was it freed or resized?)");
-      }
+      const std::string problem = memory_problem(t);
+      TORCH_CHECK(problem.empty(), "memstate.", op, ": ", name, "[", i, "] ", problem);
       if (first_name == nullptr) {
         first_name = name;
         first_index = i;

@@ -114,14 +114,8 @@ int64_t CopyPlan::stale() const {
   constexpr size_t kAhead = 8;
   const size_t n = sources_.size();
   for (size_t i = 0; i < n; ++i) {
-    if (i + 2 * kAhead < n) {
-      const auto* next = reinterpret_cast<const char*>(sources_[i + 2 * kAhead].unsafeGetTensorImpl());
-      for (size_t b = 0; b < sizeof(c10::TensorImpl); b += 64) __builtin_prefetch(next + b);
-    }
-    if (i + kAhead < n) {
-      const c10::Storage& s = sources_[i + kAhead].unsafeGetTensorImpl()->unsafe_storage();
-      if (s) __builtin_prefetch(s.unsafeGetStorageImpl());
-    }
+    if (i + 2 * kAhead < n) prefetch_tensor_impl(sources_[i + 2 * kAhead].unsafeGetTensorImpl());
+    if (i + kAhead < n) prefetch_storage_impl(sources_[i + kAhead].unsafeGetTensorImpl());
     if (!matches(i)) return static_cast<int64_t>(i);
   }
   return -1;
